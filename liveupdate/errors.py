@@ -1,0 +1,116 @@
+"""The one place where an errno becomes an exception.
+
+Every failure of this library is an :class:`OSError` that carries the
+kernel's errno (``exc.errno``) and a message naming the operation and its
+arguments. The classes also derive from the builtin :class:`OSError`
+subclass Python uses for that errno, so ``except FileExistsError`` catches a
+duplicate session name exactly as ``except OSError`` with ``errno.EEXIST``
+does. Invalid arguments (EINVAL) are also a :class:`ValueError`.
+"""
+from __future__ import annotations
+
+import errno as _errno
+import os
+from typing import Any, Dict, Optional, Type
+
+__all__ = [
+    "LiveUpdateError",
+    "InvalidArgumentError",
+    "BusyError",
+    "StaleHandleError",
+    "KernelPanic",
+    "error_class",
+    "make",
+    "wrap",
+]
+
+
+class LiveUpdateError(OSError):
+    """Base of every error this library raises for a failed operation.
+
+    Attributes: ``errno`` (the kernel's), ``operation`` (e.g.
+    ``"create_session"``), ``arguments`` (a dict of what was asked) and
+    ``detail`` (a sentence on why, when more is known than the errno says).
+    """
+
+    operation: str = ""
+    arguments: Dict[str, Any] = {}
+    detail: Optional[str] = None
+
+
+class InvalidArgumentError(LiveUpdateError, ValueError):
+    """EINVAL: the kernel understood the request but an argument is wrong
+    (or the session is in the wrong state for it)."""
+
+
+class BusyError(LiveUpdateError):
+    """EBUSY: the device is held by another process, or the file is already
+    preserved in a session."""
+
+
+class StaleHandleError(LiveUpdateError):
+    """ESTALE: an emulated handle that belonged to a kernel replaced by an
+    emulated kexec. A real kexec ends the process, so only emulators raise it."""
+
+
+class KernelPanic(Exception):
+    """An emulated kernel failed to boot from the preserved memory (where
+    the real kernel would panic or disable live update at boot)."""
+
+
+_SPECIAL: Dict[int, Type[LiveUpdateError]] = {
+    _errno.EINVAL: InvalidArgumentError,
+    _errno.EBUSY: BusyError,
+    _errno.ESTALE: StaleHandleError,
+}
+_CACHE: Dict[int, Type[LiveUpdateError]] = dict(_SPECIAL)
+
+
+def error_class(err: int) -> Type[LiveUpdateError]:
+    """The exception class for an errno: :class:`LiveUpdateError` mixed with
+    the builtin subclass Python picks for it (``FileExistsError`` for EEXIST,
+    ``FileNotFoundError`` for ENOENT, ``PermissionError`` for EPERM ...)."""
+    cls = _CACHE.get(err)
+    if cls is None:
+        builtin = type(OSError(err, ""))
+        if builtin is OSError:
+            cls = LiveUpdateError
+        else:
+            cls = type(builtin.__name__.replace("Error", "") + "LiveUpdateError", (LiveUpdateError, builtin), {})
+            cls.__module__ = __name__
+        _CACHE[err] = cls
+    return cls
+
+
+def _describe(op: str, args: Dict[str, Any]) -> str:
+    shown = ", ".join(f"{key}={value!r}" for key, value in args.items())
+    return f"{op}({shown})"
+
+
+def make(err: int, op: str, detail: Optional[str] = None, **args: Any) -> LiveUpdateError:
+    """Build the exception for ``op(**args)`` failing with ``err``.
+
+    The message reads ``create_session(name='cache'): File exists (EEXIST)``,
+    followed by ``detail`` when there is one."""
+    code = _errno.errorcode.get(err, str(err))
+    message = f"{_describe(op, args)}: {os.strerror(err)} ({code})"
+    if detail:
+        message += f": {detail}"
+    exc = error_class(err)(err, message)
+    exc.operation = op
+    exc.arguments = dict(args)
+    exc.detail = detail
+    return exc
+
+
+def wrap(exc: OSError, op: str, **args: Any) -> LiveUpdateError:
+    """Turn a raw :class:`OSError` from a backend into the public exception,
+    keeping its errno and any explanation the backend gave beyond the errno's
+    own text."""
+    if exc.errno is None:
+        # Not an errno failure at all: keep it intact rather than invent one.
+        raise exc
+    detail = exc.strerror if exc.strerror and exc.strerror != os.strerror(exc.errno) else None
+    if isinstance(exc, LiveUpdateError) and exc.detail:
+        detail = exc.detail
+    return make(exc.errno, op, detail, **args)

@@ -1,0 +1,232 @@
+"""A live update session: the files it keeps and the handle that keeps them."""
+from __future__ import annotations
+
+import errno
+import struct
+import warnings
+from typing import Any, Optional
+
+from . import _abi, _args, _port, errors
+
+__all__ = ["Session"]
+
+_PRESERVE_FD = _abi.SESSION_PRESERVE_FD
+_RETRIEVE_FD = _abi.SESSION_RETRIEVE_FD
+_pack_fd_token = _abi.PRESERVE_FD.pack
+_unpack_fd_token = _abi.RETRIEVE_FD.unpack
+_FD_TOKEN_SIZE = _abi.PRESERVE_FD.size
+
+
+class Session:
+    """A session fd of ``/dev/liveupdate`` (or of an emulator).
+
+    Made by :meth:`Device.create_session` (an *outgoing* session: preserve
+    files in it, keep it open through the kexec), by
+    :meth:`Device.retrieve_session` after a kexec (an *incoming* session:
+    retrieve the files, then :meth:`finish`), or by :meth:`from_fd` for a
+    session fd received from elsewhere.
+
+    The kernel releases a session when its last fd is closed: an outgoing
+    session's files stop being preserved, an incoming session is finished.
+    So keep the Session (or its fd) open until the kexec.
+    """
+
+    __slots__ = ("_port", "_ioctl", "_fd", "_name", "_state", "__weakref__")
+
+    def __init__(self) -> None:
+        raise TypeError("sessions come from Device.create_session(), Device.retrieve_session() or Session.from_fd()")
+
+    @classmethod
+    def _adopt(cls, port: _port.Port, fd: int, state: str, name: Optional[bytes]) -> "Session":
+        self = object.__new__(cls)
+        self._port = port
+        self._ioctl = port.ioctl
+        self._fd = fd
+        self._name = name
+        self._state = state
+        return self
+
+    @classmethod
+    def from_fd(cls, fd: int) -> "Session":
+        """Adopt a session fd received from elsewhere: inherited, passed with
+        SCM_RIGHTS, or handed back by systemd's fd store. The Session owns the
+        fd from then on (closing it closes the fd). Works for the kernel's
+        session fds and for those of the emulators.
+
+        Raises OSError: EBADF (``fd`` is not open), ENOTTY (it is no session)."""
+        if not isinstance(fd, int) or isinstance(fd, bool):
+            raise TypeError(f"Session.from_fd takes an int fd, not {type(fd).__name__} (use its detach() first)")
+        try:
+            port = _port.recognize(fd)
+        except OSError as exc:
+            raise errors.wrap(exc, "Session.from_fd", fd=fd) from None
+        self = cls._adopt(port, fd, "unknown", None)
+        try:
+            self._name = self._get_name()
+        except BaseException:
+            self._fd = -1  # the caller still owns fd: do not close it
+            raise
+        return self
+
+    # -- the four session ioctls ------------------------------------------
+
+    def preserve(self, fd: Any, token: int) -> None:
+        """Preserve the file behind ``fd`` (an int or anything with
+        ``fileno()``, today a memfd) under ``token`` (0 to 2**64-1) until the
+        next kexec. Only on an outgoing session.
+
+        Raises OSError: EEXIST (token already used in this session), EBADF
+        (``fd`` not open), ENOENT (no handler for this kind of file: not a
+        memfd), EBUSY (the file is already preserved, in any session, through
+        any fd of it), EOPNOTSUPP (memfd seals the handler cannot keep),
+        EFBIG (file too large), EINVAL (an incoming session), ENOMEM, ENOSPC
+        (the kernel's block cap)."""
+        if type(fd) is not int:
+            fd = _args.fd(fd, "preserve")
+        if type(token) is not int or not 0 <= token <= 0xFFFFFFFFFFFFFFFF:
+            token = _args.token(token, "preserve")
+        try:
+            arg = _pack_fd_token(_FD_TOKEN_SIZE, fd, token)
+        except struct.error:
+            _args.fd(fd, "preserve")  # raises EBADF: no fd can have this number
+            raise
+        try:
+            self._ioctl(self._fd, _PRESERVE_FD, arg)
+        except (OSError, ValueError) as exc:
+            self._retry(exc, _PRESERVE_FD, arg, "preserve", fd=fd, token=token)
+
+    def retrieve(self, token: int) -> int:
+        """Retrieve the file preserved under ``token`` by the previous kernel,
+        as a new close-on-exec fd that the caller owns. Retrieving a token
+        again gives another fd of the same file. Only on an incoming session.
+
+        Raises OSError: ENOENT (no such token), EINVAL (an outgoing or
+        finished session), or the error of a first failed retrieve of that
+        token, which the kernel repeats for every later attempt."""
+        if type(token) is not int or not 0 <= token <= 0xFFFFFFFFFFFFFFFF:
+            token = _args.token(token, "retrieve")
+        arg = _pack_fd_token(_FD_TOKEN_SIZE, -1, token)
+        try:
+            out = self._ioctl(self._fd, _RETRIEVE_FD, arg)
+        except (OSError, ValueError) as exc:
+            out = self._retry(exc, _RETRIEVE_FD, arg, "retrieve", token=token)
+        return _unpack_fd_token(out)[1]
+
+    def finish(self) -> None:
+        """Tell the kernel the session is restored: it lets go of every file
+        preserved in it, retrieved or not. Only on an incoming session.
+
+        Raises OSError: EINVAL (an outgoing session), EBUSY (a file's handler
+        cannot finish yet; the files stay preserved and finish may be tried
+        again)."""
+        self._call(_abi.SESSION_FINISH, _abi.FINISH.pack(_abi.FINISH.size, 0), "finish")
+        self._state = "finished"
+
+    @property
+    def name(self) -> str:
+        """The session's name, asked of the kernel (GET_NAME). Bytes that are
+        not UTF-8 come back as surrogate escapes; see :attr:`name_bytes`."""
+        return self.name_bytes.decode("utf-8", "surrogateescape")
+
+    @property
+    def name_bytes(self) -> bytes:
+        """The session's name as the kernel stores it (GET_NAME)."""
+        self._name = self._get_name()
+        return self._name
+
+    def _get_name(self) -> bytes:
+        out = self._call(_abi.SESSION_GET_NAME, _abi.GET_NAME.pack(_abi.GET_NAME.size, 0, b""), "get_name")
+        return _abi.GET_NAME.unpack(out)[2].split(b"\0", 1)[0]
+
+    # -- plumbing ----------------------------------------------------------
+
+    def _call(self, cmd: int, arg: bytes, op: str, **args: Any) -> bytes:
+        try:
+            return self._ioctl(self._fd, cmd, arg)
+        except (OSError, ValueError) as exc:
+            return self._retry(exc, cmd, arg, op, **args)
+
+    def _retry(self, exc: Exception, cmd: int, arg: bytes, op: str, **args: Any) -> bytes:
+        # Slow path only: a failed call lands here, so the hot path pays for
+        # neither the loop nor the closed check (fcntl refuses fd -1 with a
+        # ValueError, which is how a closed session shows up).
+        while True:
+            if self._fd < 0:
+                raise errors.make(errno.EBADF, op, "the session is closed", session=self._shown_name(), **args) from None
+            if not isinstance(exc, OSError):
+                raise exc
+            if exc.errno != errno.EINTR:
+                raise errors.wrap(exc, op, session=self._shown_name(), **args) from None
+            try:
+                return self._ioctl(self._fd, cmd, arg)
+            except OSError as again:
+                exc = again
+
+    def _shown_name(self) -> str:
+        if self._name is None:
+            return f"<fd {self._fd}>"
+        return self._name.decode("utf-8", "surrogateescape")
+
+    @property
+    def backend(self) -> str:
+        """Which kernel serves this session: "device", "emulator" or "service"."""
+        return self._port.kind
+
+    @property
+    def state(self) -> str:
+        """What this handle knows of its session: "outgoing" (created here),
+        "incoming" (retrieved after a kexec), "finished", "unknown" (adopted
+        with from_fd) or "closed"."""
+        return "closed" if self._fd < 0 else self._state
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def fileno(self) -> int:
+        """The session fd. Raises ValueError once closed or detached, as files do."""
+        if self._fd < 0:
+            raise ValueError("I/O operation on a closed session")
+        return self._fd
+
+    def detach(self) -> int:
+        """Give up the fd without closing it (for SCM_RIGHTS, systemd's fd store,
+        exec); the caller owns it afterwards and this object is closed."""
+        fd = self.fileno()
+        self._fd = -1
+        return fd
+
+    def close(self) -> None:
+        """Close the session fd; a no-op when already closed. Closing the last
+        fd of an outgoing session stops preserving its files; of an incoming
+        session, finishes it."""
+        fd = self._fd
+        if fd < 0:
+            return
+        self._fd = -1
+        try:
+            self._port.close(fd)
+        except OSError as exc:
+            raise errors.wrap(exc, "close", session=self._shown_name(), fd=fd) from None
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        # Uses the cached name: a repr must not call into the kernel.
+        name = "?" if self._name is None else repr(self._shown_name())
+        if self._fd < 0:
+            return f"<liveupdate.Session {name} closed backend={self._port.kind}>"
+        return f"<liveupdate.Session {name} fd={self._fd} {self._state} backend={self._port.kind}>"
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            try:
+                self.close()
+            except OSError:
+                pass
+

@@ -63,9 +63,10 @@ class Device:
         bytes once UTF-8 encoded, no NUL). Preserve files in it and keep it
         open until the kexec.
 
-        Raises OSError: EEXIST (a session of that name exists, outgoing or
-        still incoming), EINVAL (bad name), ENOMEM, ENOSPC (the kernel's
-        session block cap), EMFILE."""
+        Raises OSError: EEXIST (an outgoing session of that name exists;
+        incoming sessions do not count), EINVAL (bad name), EMFILE (no fd
+        left), ENOMEM, ENOSPC (the kernel's session block cap).
+        """
         raw = _args.name(name, "create_session")
         out = self._call(_abi.IOCTL_CREATE_SESSION, _abi.CREATE_SESSION.pack(_abi.CREATE_SESSION.size, -1, raw),
                          "create_session", name=name)

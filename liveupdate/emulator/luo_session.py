@@ -1,0 +1,239 @@
+"""Sessions (kernel/liveupdate/luo_session.c).
+
+Two lists: *outgoing* sessions, created in this kernel and handed to the
+next one at reboot, and *incoming* sessions, restored from the previous
+kernel and retrievable (once each) by name. A session created here is
+outgoing; a retrieved one is incoming (``retrieved`` is set). Which ioctls a
+session fd accepts depends on that: preserve on outgoing only,
+retrieve-fd and finish on incoming only, get-name on both (EINVAL
+otherwise).
+
+Create: the name is 1 to 63 bytes (EINVAL), the outgoing chain grows to make
+room (ENOSPC at the block cap), then a duplicate name is EEXIST. Like the
+kernel, a duplicate does not shrink the chain back: a duplicate refused
+while the sessions exactly fill their blocks leaves an empty block at the
+end of the chain, which a kexec at that moment hands over, and the next
+kernel refuses at boot (a block with count 0) -- a failed boot. Emulated
+faithfully; the kernel wins.
+
+Release (the last close of a session fd): an outgoing session unpreserves
+its files; an incoming one is finished; either way it leaves its list.
+
+Reboot: :meth:`SessionGlobal.serialize` writes one ``luo_session_ser`` per
+outgoing session (name, files chain, file count) into the session chain and
+its head into the LUO root. Boot: :meth:`SessionGlobal.setup_incoming`
+adopts the chain (a failure there fails the boot); the first open of the
+device runs :meth:`SessionGlobal.deserialize` once and remembers its result
+for every later open.
+
+Names are found through dicts (insertion ordered, so serialization keeps
+creation order) rather than the kernel's list walk.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+from typing import TYPE_CHECKING, Dict
+
+from . import abi, luo_file
+from .kho_block import BlockSet
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .luo_core import Kernel
+
+__all__ = ["LuoSession", "SessionHeader", "SessionGlobal"]
+
+log = logging.getLogger("liveupdate.emulator.luo_session")
+
+
+class LuoSession(luo_file.FileSet):
+    """One session: its name (bytes, at most 63), whether it came from the
+    previous kernel and was retrieved, and its files (the session *is* its
+    :class:`~.luo_file.FileSet`; ``file_set`` names it as the kernel does)."""
+
+    __slots__ = ("name", "retrieved", "released")
+
+    def __init__(self, kernel: "Kernel", name: bytes) -> None:
+        luo_file.FileSet.__init__(self, kernel)
+        self.name = name
+        self.retrieved = False
+        self.released = False
+
+    @property
+    def file_set(self) -> "luo_file.FileSet":
+        return self
+
+    @property
+    def state(self) -> str:
+        return "incoming" if self.retrieved else "outgoing"
+
+    def __repr__(self) -> str:
+        return (f"<LuoSession {self.name.decode('utf-8', 'backslashreplace')!r} {self.state} "
+                f"{self.count} files in {self.nblocks} blocks>")
+
+
+class SessionHeader:
+    """One list of sessions (luo_session_header) and, for the outgoing one,
+    the block chain it serializes into."""
+
+    __slots__ = ("sessions", "block_set", "active", "outgoing")
+
+    def __init__(self, kernel: "Kernel", outgoing: bool) -> None:
+        self.sessions: Dict[bytes, LuoSession] = {}
+        self.block_set = BlockSet(kernel.kho, abi.SESSION_SER.size)
+        self.active = False
+        self.outgoing = outgoing
+
+    @property
+    def count(self) -> int:
+        return len(self.sessions)
+
+    def insert(self, session: LuoSession) -> None:
+        """luo_session_insert(). Raises OSError ENOSPC (outgoing chain full)
+        or EEXIST (name taken; the grown chain is not shrunk back)."""
+        if self.outgoing:
+            self.block_set.grow(self.count + 1)
+        if session.name in self.sessions:
+            raise OSError(errno.EEXIST, f"a session named {session.name!r} exists")
+        self.sessions[session.name] = session
+
+    def remove(self, session: LuoSession) -> None:
+        if self.sessions.get(session.name) is session:
+            del self.sessions[session.name]
+        if self.outgoing:
+            self.block_set.shrink(self.count)
+
+    def __repr__(self) -> str:
+        kind = "outgoing" if self.outgoing else "incoming"
+        return f"<{kind} sessions: {self.count}, {self.block_set!r}>"
+
+
+class SessionGlobal:
+    """Both lists and the once-only deserialization state."""
+
+    def __init__(self, kernel: "Kernel") -> None:
+        self.kernel = kernel
+        self.incoming = SessionHeader(kernel, outgoing=False)
+        self.outgoing = SessionHeader(kernel, outgoing=True)
+        self.sessions_pa_at = 0  # where the LUO root keeps sessions_pa
+        self.deserialized = False
+        self.saved_err = 0
+
+    # -- user-facing operations ---------------------------------------------------
+    def create(self, name_field: bytes) -> LuoSession:
+        """luo_session_create(). Raises OSError EINVAL, ENOSPC, EEXIST."""
+        nul = name_field.find(b"\0")
+        length = len(name_field) if nul < 0 else nul
+        if length == 0 or length > abi.NAME_LENGTH - 1:
+            raise OSError(errno.EINVAL, "a session name is 1 to 63 bytes")
+        session = LuoSession(self.kernel, name_field[:length])
+        self.outgoing.insert(session)
+        return session
+
+    def retrieve(self, name_field: bytes) -> LuoSession:
+        """luo_session_retrieve(). Raises OSError ENOENT (no such incoming
+        session) or EINVAL (retrieved already)."""
+        nul = name_field.find(b"\0")
+        # strncmp over 64 bytes against a stored name that always ends
+        # within 64: a field without a NUL matches nothing.
+        session = self.incoming.sessions.get(name_field[:nul]) if nul >= 0 else None
+        if session is None:
+            raise OSError(errno.ENOENT, "no incoming session of that name")
+        if session.retrieved:
+            raise OSError(errno.EINVAL, "the session was retrieved already")
+        session.retrieved = True
+        return session
+
+    def release(self, session: LuoSession) -> None:
+        """luo_session_release(): the last fd of ``session`` closed."""
+        if session.released:
+            return
+        files = self.kernel.files
+        if session.retrieved:
+            luo_file.finish(files, session.file_set)
+            header = self.incoming
+        else:
+            luo_file.unpreserve_files(files, session.file_set)
+            header = self.outgoing
+        header.remove(session)
+        session.released = True
+
+    def preserve_fd(self, session: LuoSession, token: int, fd: int) -> None:
+        luo_file.preserve_file(self.kernel.files, session.file_set, token, fd)
+
+    def retrieve_fd(self, session: LuoSession, token: int) -> "luo_file.KernelFile":
+        return luo_file.retrieve_file(self.kernel.files, session.file_set, token)
+
+    def finish(self, session: LuoSession) -> None:
+        luo_file.finish(self.kernel.files, session.file_set)
+
+    # -- boot and reboot -------------------------------------------------------------
+    def setup_outgoing(self, sessions_pa_at: int) -> None:
+        self.sessions_pa_at = sessions_pa_at
+        self.outgoing.active = True
+
+    def setup_incoming(self, sessions_pa: int) -> None:
+        """Adopt the previous kernel's session chain (at boot). Raises the
+        chain's OSError (the caller fails the boot)."""
+        if not sessions_pa:
+            return
+        self.incoming.block_set.restore(sessions_pa)
+        self.incoming.active = True
+
+    def deserialize(self) -> int:
+        """Build the incoming sessions once; 0 or the errno, the same on
+        every call (the device answers EIO to every open after a failure)."""
+        if self.deserialized:
+            return self.saved_err
+        self.deserialized = True
+        if not self.incoming.active:
+            return 0
+        header = self.incoming
+        memory = self.kernel.kho.memory
+        it = header.block_set.iterator()
+        try:
+            while True:
+                entry = it.read_entry()
+                if entry is None:
+                    break
+                name, files_pa, count = abi.SESSION_SER.unpack(memory.read(entry, abi.SESSION_SER.size))
+                session = LuoSession(self.kernel, abi.cstr(name)[: abi.NAME_LENGTH - 1])
+                header.insert(session)
+                luo_file.deserialize(self.kernel.files, session.file_set, files_pa, count)
+        except OSError as exc:
+            log.warning("session deserialization failed: %s", exc)
+            header.block_set.destroy()
+            self.saved_err = exc.errno or errno.EIO
+            return self.saved_err
+        header.block_set.destroy()
+        return 0
+
+    def serialize(self) -> None:
+        """Write every outgoing session into the chain (at reboot). On
+        failure the sessions frozen so far are rolled back and the OSError
+        raised (the kexec does not happen)."""
+        header = self.outgoing
+        memory = self.kernel.kho.memory
+        memory.write_u64(self.sessions_pa_at, 0)
+        it = header.block_set.iterator()
+        sessions = list(header.sessions.values())
+        for i, session in enumerate(sessions):
+            entry = it.reserve_entry()
+            try:
+                if entry is None:
+                    raise OSError(errno.ENOSPC, "session blocks were not preallocated")
+                try:
+                    luo_file.freeze(self.kernel.files, session.file_set, entry + abi.NAME_LENGTH)
+                except OSError:
+                    it.prev()
+                    raise
+            except OSError:
+                for done in reversed(sessions[:i]):
+                    slot = it.prev()
+                    assert slot is not None
+                    luo_file.unfreeze(done.file_set, slot + abi.NAME_LENGTH)
+                    memory.write(slot, bytes(abi.NAME_LENGTH))
+                raise
+            memory.write(entry, abi.strscpy(session.name, abi.NAME_LENGTH))
+        if header.count > 0:
+            memory.write_u64(self.sessions_pa_at, header.block_set.head_pa)

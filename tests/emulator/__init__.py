@@ -1,0 +1,1 @@
+"""Tests of the emulator alone: kexec, serialized layouts, restore fuzzing, properties."""

@@ -68,7 +68,11 @@ def backend(request) -> BackendUnderTest:
             pytest.skip(f"the emulator is not available here: {exc}")
         return BackendUnderTest("emulator", emulator=Emulator())
     if kind == "service":
-        return BackendUnderTest("service", socket=request.getfixturevalue("_service_socket"))
+        service = BackendUnderTest("service", socket=request.getfixturevalue("_service_socket"))
+        from liveupdate.service import client as service_client
+
+        service.kexec = lambda: service_client.kexec(service.socket)  # type: ignore[attr-defined]
+        return service
     if not os.path.exists(liveupdate.DEFAULT_PATH):
         if os.environ.get("LIVEUPDATE_REQUIRE_DEVICE"):
             pytest.fail(f"{liveupdate.DEFAULT_PATH} is required here (LIVEUPDATE_REQUIRE_DEVICE) but missing")

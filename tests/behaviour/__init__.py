@@ -1,0 +1,1 @@
+"""Behaviour tests: what every backend (emulator, service, real kernel) must do alike."""

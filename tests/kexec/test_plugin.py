@@ -1,0 +1,38 @@
+"""The ``liveupdate.testing`` plugin on the emulator: each case of
+plugin_cases.py runs in a separate pytest and ends as expected, deliberate
+failures included (the VM tier checks the same cases across a real kexec)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from . import plugin_cases
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+
+
+def test_plugin_cases_on_the_emulator(tmp_path) -> None:
+    try:
+        from liveupdate.emulator import Emulator  # noqa: F401
+    except ImportError as exc:
+        pytest.skip("the emulator is not available here: %s" % exc)
+    shutil.copy(os.path.join(HERE, "plugin_cases.py"), str(tmp_path / "test_cases.py"))
+    env = dict(os.environ)
+    for name in ("LIVEUPDATE_STAGE", "LIVEUPDATE_KEXEC_BACKEND", "LIVEUPDATE_VM_KEXEC"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [REPO, env.get("PYTHONPATH", "")] if p)
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # the cases need only ours
+    junit = str(tmp_path / "cases.xml")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "liveupdate.testing", "-p", "no:cacheprovider",
+         "-q", "--junitxml", junit, "test_cases.py"],
+        cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 1, output  # the deliberate failures
+    expected = {name: kinds[0] for name, kinds in plugin_cases.EXPECTED.items()}
+    assert plugin_cases.junit_outcomes(junit) == expected, output

@@ -1,0 +1,133 @@
+"""``emulator serve|kexec|status``: what both command lines run.
+
+``liveupdate emulator ...`` (:mod:`liveupdate.cli.emulator`) and
+``python -m liveupdate.service ...`` share these functions and arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any, Optional, TextIO
+
+from . import client, paths
+
+__all__ = ["add_arguments", "serve", "run_kexec", "run_status"]
+
+
+def add_arguments(actions: "argparse._SubParsersAction") -> None:
+    """Add the ``serve``, ``kexec`` and ``status`` actions to ``actions``
+    (each sets ``func(args) -> int`` and ``command_path``)."""
+    socket_help = ("the service's socket (default: $LIVEUPDATE_EMULATOR, else "
+                   f"$XDG_RUNTIME_DIR/{paths.SOCKET_NAME})")
+
+    serve_p = actions.add_parser("serve", help="run one emulated kernel as a service for many processes",
+                                 description="Run an emulated Live Update kernel that processes use through "
+                                             "liveupdate.open(emulator=SOCKET) or LIVEUPDATE_EMULATOR=SOCKET. "
+                                             "Stops on SIGTERM or SIGINT.")
+    serve_p.add_argument("--socket", metavar="PATH", help=socket_help)
+    serve_p.add_argument("--image", metavar="PATH",
+                         help="keep the preserved memory in this file: boot from it if it exists, replace it "
+                              "atomically at each kexec")
+    serve_p.add_argument("--ready-fd", metavar="FD", type=int,
+                         help="write 'READY' and close this fd once the socket accepts connections")
+    serve_p.add_argument("-v", "--verbose", action="store_true", help="log every kexec and refusal")
+    serve_p.set_defaults(func=serve_command, command_path="emulator serve")
+
+    kexec_p = actions.add_parser("kexec", help="run an emulated kexec in the service",
+                                 description="Serialize the outgoing sessions, invalidate every handle of the "
+                                             "old kernel and boot a new one from the preserved memory.")
+    kexec_p.add_argument("--socket", metavar="PATH", help=socket_help)
+    kexec_p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                         help="how long to wait for the service (default 60)")
+    kexec_p.set_defaults(func=kexec_command, command_path="emulator kexec")
+
+    status_p = actions.add_parser("status", help="what the service holds (JSON)")
+    status_p.add_argument("--socket", metavar="PATH", help=socket_help)
+    status_p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    status_p.set_defaults(func=status_command, command_path="emulator status")
+
+
+def serve(socket_path: Optional[str] = None, image: Optional[str] = None, ready_fd: Optional[int] = None,
+          verbose: bool = False, emulator_class: Any = None, stderr: Optional[TextIO] = None) -> int:
+    """Run the service until SIGTERM/SIGINT; returns the exit status.
+
+    Raises OSError: EINVAL (no socket path known), EADDRINUSE (a service
+    listens there), ENAMETOOLONG; KernelPanic if ``image`` is corrupt."""
+    from .kernel import Kernel
+    from .server import Server
+
+    out = stderr or sys.stderr
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=out,
+                        format="liveupdate emulator: %(message)s")
+    path = paths.resolve_socket_path(socket_path)
+    _raise_fd_limit()
+    kernel = Kernel(image, emulator_class=emulator_class)
+    listener = paths.bind_listener(path)
+    inode = os.stat(path).st_ino
+    server = Server(kernel, listener, allowed_uids={os.geteuid(), 0})
+    server.install_signal_handlers()
+    where = f", image {kernel.image}" + (" (booted from it)" if kernel.booted_from_image else "") if kernel.image else ""
+    out.write(f"liveupdate emulator: serving at {path}{where}; pid {os.getpid()}\n")
+    out.flush()
+    if ready_fd is not None:
+        try:
+            os.write(ready_fd, b"READY\n")
+        finally:
+            os.close(ready_fd)
+    try:
+        return server.serve_forever()
+    finally:
+        listener.close()
+        _unlink_if_ours(path, inode)
+
+
+def _raise_fd_limit() -> None:
+    # Every session, device and preserved file of every client is an fd of
+    # this one process: lift the soft limit to the hard one.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+
+
+def _unlink_if_ours(path: str, inode: int) -> None:
+    # Another service may have replaced a socket it found dead: leave theirs.
+    try:
+        if os.stat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    return serve(args.socket, args.image, args.ready_fd, args.verbose)
+
+
+def run_kexec(socket_path: Optional[str] = None, timeout: Optional[float] = None) -> dict:
+    """Ask the service to kexec; returns its report. Raises OSError."""
+    return client.kexec(paths.resolve_socket_path(socket_path), timeout)
+
+
+def run_status(socket_path: Optional[str] = None, timeout: Optional[float] = None) -> dict:
+    return client.status(paths.resolve_socket_path(socket_path), timeout)
+
+
+def kexec_command(args: argparse.Namespace) -> int:
+    info = run_kexec(args.socket, args.timeout)
+    image = f"; image {info['image']} written" if info.get("image") else ""
+    sys.stdout.write(f"emulated kexec done: boot {info['boot']}{image}\n")
+    return 0
+
+
+def status_command(args: argparse.Namespace) -> int:
+    sys.stdout.write(json.dumps(run_status(args.socket, args.timeout), indent=2, sort_keys=True) + "\n")
+    return 0

@@ -51,7 +51,7 @@ class Device:
                     time.sleep(min(delay, remaining))
                     delay = min(delay * 2, 0.1)
                     continue
-                raise _open_error(exc, path, timeout) from None
+                raise _open_error(exc, path, timeout, port.kind) from None
         self = object.__new__(cls)
         self._port = port
         self._fd = fd
@@ -145,14 +145,14 @@ class Device:
                 pass
 
 
-def _open_error(exc: OSError, path: str, timeout: float) -> errors.LiveUpdateError:
+def _open_error(exc: OSError, path: str, timeout: float, kind: str) -> errors.LiveUpdateError:
     args: dict = {"path": path}
     if timeout:
         args["timeout"] = timeout
     if exc.errno == errno.EBUSY:
         hint = f"still held by another process after {timeout:g} s" if timeout else _BUSY_HINT
         return errors.make(errno.EBUSY, "open", hint, **args)
-    if exc.errno == errno.ENOENT and path == DEFAULT_PATH:
+    if exc.errno == errno.ENOENT and path == DEFAULT_PATH and kind == "device":
         return errors.make(errno.ENOENT, "open", _NO_DEVICE_HINT, **args)
     return errors.wrap(exc, "open", **args)
 

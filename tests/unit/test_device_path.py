@@ -147,3 +147,17 @@ def test_eintr_is_retried(not_a_device):
         dev._fd = -1
     finally:
         os.close(fd)
+
+
+class _NoService:
+    kind = "service"
+
+    def open_device(self, path):
+        raise OSError(errno.ENOENT, "no emulator service is listening at /x.sock")
+
+
+def test_missing_service_is_not_blamed_on_the_kernel():
+    with pytest.raises(FileNotFoundError) as info:
+        liveupdate.Device._open_port(_NoService(), liveupdate.DEFAULT_PATH, 0)
+    assert "no emulator service is listening" in str(info.value)
+    assert "liveupdate=on" not in str(info.value)

@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import stat
-import sys
 import time
 from typing import Any, Dict, List, Optional, Tuple
 

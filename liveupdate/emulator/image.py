@@ -35,9 +35,9 @@ from __future__ import annotations
 import errno
 import os
 import struct
-import tempfile
 from typing import Dict, Iterator, List, Tuple, Union
 
+from .._atomic import write_atomically
 from .kho import MAX_PFN, PAGE_SIZE, Backing, FolioPage, Handover, PhysicalMemory
 
 __all__ = ["save", "load", "dumps", "loads", "MAGIC", "VERSION"]
@@ -99,28 +99,10 @@ def dumps(handover: Handover) -> bytes:
 
 
 def save(path: PathLike, handover: Handover) -> None:
-    """Write ``handover`` to ``path`` atomically."""
-    data = dumps(handover)
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".liveupdate-image-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """Write ``handover`` to ``path`` atomically (temporary file, fsync,
+    rename, fsync of the directory): an interrupted save leaves the previous
+    image."""
+    write_atomically(os.fspath(path), dumps(handover))
 
 
 def loads(data: bytes) -> PhysicalMemory:

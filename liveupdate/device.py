@@ -15,6 +15,28 @@ __all__ = ["open", "Device", "DEFAULT_PATH"]
 DEFAULT_PATH = "/dev/liveupdate"
 BACKENDS = ("auto", "device", "emulator", "service")
 
+_CREATE = _abi.IOCTL_CREATE_SESSION
+_RETRIEVE = _abi.IOCTL_RETRIEVE_SESSION
+_pack_session = _abi.CREATE_SESSION.pack
+_unpack_session = _abi.CREATE_SESSION.unpack
+_SESSION_ARG_SIZE = _abi.CREATE_SESSION.size
+
+
+def _fast_name(name: Any) -> Optional[bytes]:
+    """The common case of a valid name, checked cheaply; None sends the
+    caller to _args.name(), which explains what is wrong."""
+    if type(name) is str:
+        try:
+            name = name.encode()
+        except UnicodeEncodeError:
+            return None
+    elif type(name) is not bytes:
+        return None
+    if 0 < len(name) <= _abi.NAME_MAX and b"\0" not in name:
+        return name
+    return None
+
+
 _NO_DEVICE_HINT = (
     "this kernel has no Live Update device: it needs Linux 7.x built with CONFIG_LIVEUPDATE "
     "and booted with liveupdate=on; elsewhere use backend='emulator'"
@@ -29,7 +51,7 @@ class Device:
     The kernel lets one process hold the device at a time. Sessions live on
     after the device is closed; only their own fds keep them."""
 
-    __slots__ = ("_port", "_fd", "_path", "__weakref__")
+    __slots__ = ("_port", "_ioctl", "_fd", "_path", "__weakref__")
 
     def __init__(self) -> None:
         raise TypeError("use liveupdate.open() to open the device")
@@ -54,6 +76,7 @@ class Device:
                 raise _open_error(exc, path, timeout, port.kind) from None
         self = object.__new__(cls)
         self._port = port
+        self._ioctl = port.ioctl
         self._fd = fd
         self._path = path
         return self
@@ -67,33 +90,46 @@ class Device:
         incoming sessions do not count), EINVAL (bad name), EMFILE (no fd
         left), ENOMEM, ENOSPC (the kernel's session block cap).
         """
-        raw = _args.name(name, "create_session")
-        out = self._call(_abi.IOCTL_CREATE_SESSION, _abi.CREATE_SESSION.pack(_abi.CREATE_SESSION.size, -1, raw),
-                         "create_session", name=name)
-        return Session._adopt(self._port, _abi.CREATE_SESSION.unpack(out)[1], "outgoing", raw)
+        raw = _fast_name(name)
+        if raw is None:
+            raw = _args.name(name, "create_session")
+        arg = _pack_session(_SESSION_ARG_SIZE, -1, raw)
+        try:
+            out = self._ioctl(self._fd, _CREATE, arg)
+        except (OSError, ValueError) as exc:
+            out = self._retry(exc, _CREATE, arg, "create_session", name=name)
+        return Session(self._port, _unpack_session(out)[1], "outgoing", raw)
 
     def retrieve_session(self, name: _args.Name) -> Session:
         """Take back the session ``name`` that the previous kernel handed over.
         Retrieve its files with :meth:`Session.retrieve`, then :meth:`Session.finish`.
 
         Raises OSError: ENOENT (no such incoming session), EINVAL (bad name,
-        or already retrieved)."""
-        raw = _args.name(name, "retrieve_session")
-        out = self._call(_abi.IOCTL_RETRIEVE_SESSION,
-                         _abi.RETRIEVE_SESSION.pack(_abi.RETRIEVE_SESSION.size, -1, raw),
-                         "retrieve_session", name=name)
-        return Session._adopt(self._port, _abi.RETRIEVE_SESSION.unpack(out)[1], "incoming", raw)
+        or already retrieved), EMFILE (no fd left)."""
+        raw = _fast_name(name)
+        if raw is None:
+            raw = _args.name(name, "retrieve_session")
+        arg = _pack_session(_SESSION_ARG_SIZE, -1, raw)
+        try:
+            out = self._ioctl(self._fd, _RETRIEVE, arg)
+        except (OSError, ValueError) as exc:
+            out = self._retry(exc, _RETRIEVE, arg, "retrieve_session", name=name)
+        return Session(self._port, _unpack_session(out)[1], "incoming", raw)
 
-    def _call(self, cmd: int, arg: bytes, op: str, **args: Any) -> bytes:
+    def _retry(self, exc: Exception, cmd: int, arg: bytes, op: str, **args: Any) -> bytes:
+        # The slow path of a failed call: EINTR is retried, a closed device
+        # (fcntl refuses fd -1 with ValueError) is EBADF, the rest is wrapped.
         while True:
             if self._fd < 0:
-                raise errors.make(errno.EBADF, op, "the device is closed", **args)
-            try:
-                return self._port.ioctl(self._fd, cmd, arg)
-            except InterruptedError:
-                continue
-            except OSError as exc:
+                raise errors.make(errno.EBADF, op, "the device is closed", **args) from None
+            if not isinstance(exc, OSError):
+                raise exc
+            if exc.errno != errno.EINTR:
                 raise errors.wrap(exc, op, **args) from None
+            try:
+                return self._ioctl(self._fd, cmd, arg)
+            except (OSError, ValueError) as again:
+                exc = again
 
     @property
     def backend(self) -> str:

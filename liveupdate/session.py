@@ -33,18 +33,20 @@ class Session:
 
     __slots__ = ("_port", "_ioctl", "_fd", "_name", "_state", "__weakref__")
 
-    def __init__(self) -> None:
-        raise TypeError("sessions come from Device.create_session(), Device.retrieve_session() or Session.from_fd()")
+    def __init__(self, _port: _port.Port, _fd: int, _state: str, _name: Optional[bytes]) -> None:
+        # Private: sessions come from Device.create_session(),
+        # Device.retrieve_session() or Session.from_fd(). A plain __init__ is
+        # the cheapest way CPython builds an object, and create_session is
+        # a hot path for programs that keep many sessions.
+        self._port = _port
+        self._ioctl = _port.ioctl
+        self._fd = _fd
+        self._name = _name
+        self._state = _state
 
     @classmethod
     def _adopt(cls, port: _port.Port, fd: int, state: str, name: Optional[bytes]) -> "Session":
-        self = object.__new__(cls)
-        self._port = port
-        self._ioctl = port.ioctl
-        self._fd = fd
-        self._name = name
-        self._state = state
-        return self
+        return cls(port, fd, state, name)
 
     @classmethod
     def from_fd(cls, fd: int) -> "Session":

@@ -140,7 +140,7 @@ def test_eintr_is_retried(not_a_device):
     fd = os.open(not_a_device, os.O_RDONLY)
     try:
         dev = liveupdate.Device.__new__(liveupdate.Device)
-        dev._port, dev._fd, dev._path = port, fd, not_a_device
+        dev._port, dev._ioctl, dev._fd, dev._path = port, port.ioctl, fd, not_a_device
         session = dev.create_session("x")
         assert port.calls == 2 and session._fd == 99
         session.detach()

@@ -149,7 +149,7 @@ def recover(name: str, capacity: int) -> Tuple[MemfdStore, Optional[liveupdate.S
         session.close()
         systemd.remove_fd(name)
         systemd.barrier()
-    with liveupdate.open(timeout=30) as dev:
+    with liveupdate.open(timeout=30, **OPEN_ARGS) as dev:
         try:
             incoming = dev.retrieve_session(name)
         except FileNotFoundError:
@@ -160,10 +160,14 @@ def recover(name: str, capacity: int) -> Tuple[MemfdStore, Optional[liveupdate.S
     return MemfdStore(fd), None, "kexec (session from the device)"
 
 
+#: Extra arguments of liveupdate.open(): the service to use, when asked for.
+OPEN_ARGS: dict = {}
+
+
 def preserve(store: MemfdStore, name: str) -> liveupdate.Session:
     """Put the data memfd in a new outgoing session, and hand both to
     systemd when it runs us with an fd store."""
-    with liveupdate.open(timeout=30) as dev:
+    with liveupdate.open(timeout=30, **OPEN_ARGS) as dev:
         session = dev.create_session(name)
     session.preserve(store.fd, DATA_TOKEN)
     if systemd.notify_socket() is not None and os.environ.get("FDSTORE"):
@@ -254,6 +258,8 @@ class Server:
 def serve(args: argparse.Namespace) -> int:
     # SIGTERM ends the loop like STOP, so that the socket file is removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    if args.emulator:
+        OPEN_ARGS["emulator"] = args.emulator
     store, session, origin = recover(args.name, args.capacity)
     if session is None:
         session = preserve(store, args.name)
@@ -299,6 +305,8 @@ def main(argv: Optional[list] = None) -> int:
     run = commands.add_parser("serve", help="run the daemon")
     run.add_argument("--name", default=DEFAULT_NAME, help="the Live Update session's name")
     run.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="bytes of the data memfd")
+    run.add_argument("--emulator", metavar="SOCKET",
+                     help="use the emulator service at SOCKET even where /dev/liveupdate exists")
     for name in ("get", "set", "stats", "stop"):
         sub = commands.add_parser(name)
         if name in ("get", "set"):

@@ -126,3 +126,35 @@ def test_no_device_no_service_is_refused(tmp_path):
     finally:
         os.close(fd)
     assert proc.returncode == 1 and "in-process emulator would die" in proc.stderr
+
+
+# -- the real thing, in the VM tier --------------------------------------------
+
+
+def test_real_hold_across_kexec(tmp_path):
+    """Stage 1 holds a memfd on the real device and leaves the holder
+    running through the kexec; stage 2 retrieves it from the new kernel."""
+    stage = os.environ.get("LIVEUPDATE_STAGE")
+    out = os.environ.get("LIVEUPDATE_VM_OUT")
+    if not stage or not out or not os.path.exists(liveupdate.DEFAULT_PATH):
+        pytest.skip("runs in the VM tier across a real kexec (tests/vm/test_guest_tools.py)")
+    if stage == "1":
+        if os.environ.get("LIVEUPDATE_VM_KEXEC") != "1":
+            pytest.skip("stage 1 of a round trip only (run with --kexec)")
+        fd = make_memfd(b"held by liveupdate hold")
+        try:
+            proc = cli("hold", "real-held", f"0x2A=fd:{fd}", "--state-dir", str(tmp_path), pass_fds=(fd,))
+        finally:
+            os.close(fd)
+        assert proc.returncode == 0, proc.stderr
+        assert "holding session 'real-held'" in proc.stdout
+        return  # the holder keeps the session through the kexec that follows
+    status = cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    with liveupdate.open(backend="device", timeout=10) as dev, dev.retrieve_session("real-held") as session:
+        fd = session.retrieve(0x2A)
+        try:
+            assert os.pread(fd, 100, 0) == b"held by liveupdate hold"
+        finally:
+            os.close(fd)
+        session.finish()

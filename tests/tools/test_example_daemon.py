@@ -57,6 +57,10 @@ class Daemon:
     def __init__(self, sock: str, env: Dict[str, str], fds: Optional[List[Tuple[str, int]]] = None) -> None:
         self.sock = sock
         argv = [str(DAEMON), "serve", "--socket", sock]
+        if env.get("LIVEUPDATE_EMULATOR"):
+            # Explicitly: where /dev/liveupdate exists (the VM tier) the
+            # device would win over $LIVEUPDATE_EMULATOR.
+            argv += ["--emulator", env["LIVEUPDATE_EMULATOR"]]
         if fds is None:
             command, pass_fds = [sys.executable] + argv, ()
         else:

@@ -31,7 +31,7 @@ class Session:
     So keep the Session (or its fd) open until the kexec.
     """
 
-    __slots__ = ("_port", "_ioctl", "_fd", "_name", "_state", "__weakref__")
+    __slots__ = ("_port", "_fd", "_name", "_state", "__weakref__")
 
     def __init__(self, _port: _port.Port, _fd: int, _state: str, _name: Optional[bytes]) -> None:
         # Private: sessions come from Device.create_session(),
@@ -39,7 +39,6 @@ class Session:
         # the cheapest way CPython builds an object, and create_session is
         # a hot path for programs that keep many sessions.
         self._port = _port
-        self._ioctl = _port.ioctl
         self._fd = _fd
         self._name = _name
         self._state = _state
@@ -93,7 +92,7 @@ class Session:
             _args.fd(fd, "preserve")  # raises EBADF: no fd can have this number
             raise
         try:
-            self._ioctl(self._fd, _PRESERVE_FD, arg)
+            self._port.ioctl(self._fd, _PRESERVE_FD, arg)
         except (OSError, ValueError) as exc:
             self._retry(exc, _PRESERVE_FD, arg, "preserve", fd=fd, token=token)
 
@@ -109,7 +108,7 @@ class Session:
             token = _args.token(token, "retrieve")
         arg = _pack_fd_token(_FD_TOKEN_SIZE, -1, token)
         try:
-            out = self._ioctl(self._fd, _RETRIEVE_FD, arg)
+            out = self._port.ioctl(self._fd, _RETRIEVE_FD, arg)
         except (OSError, ValueError) as exc:
             out = self._retry(exc, _RETRIEVE_FD, arg, "retrieve", token=token)
         return _unpack_fd_token(out)[1]
@@ -144,7 +143,7 @@ class Session:
 
     def _call(self, cmd: int, arg: bytes, op: str, **args: Any) -> bytes:
         try:
-            return self._ioctl(self._fd, cmd, arg)
+            return self._port.ioctl(self._fd, cmd, arg)
         except (OSError, ValueError) as exc:
             return self._retry(exc, cmd, arg, op, **args)
 
@@ -160,7 +159,7 @@ class Session:
             if exc.errno != errno.EINTR:
                 raise errors.wrap(exc, op, session=self._shown_name(), **args) from None
             try:
-                return self._ioctl(self._fd, cmd, arg)
+                return self._port.ioctl(self._fd, cmd, arg)
             except OSError as again:
                 exc = again
 

@@ -1,0 +1,1 @@
+"""Differential test: the real kernel against the emulator (see test_differential.py)."""

@@ -21,6 +21,7 @@ import pytest
 
 from liveupdate import kexec
 from liveupdate.cli import main
+from . import child_report
 
 CAP_SYS_BOOT = 22
 NOBODY = 65534
@@ -208,15 +209,7 @@ def as_nobody(work: Callable[[], Any]) -> Dict[str, Any]:
         os.write(write_end, json.dumps(result).encode())
         os._exit(0)
     os.close(write_end)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    report = json.loads(b"".join(chunks).decode())
+    report = child_report.collect(read_end, pid)
     assert "refused" not in report, "could not drop privileges: nothing was called"
     assert "error" not in report, report
     return report["ok"]

@@ -16,6 +16,7 @@ import pytest
 
 import liveupdate
 from liveupdate import systemd
+from . import child_report
 
 # -- a fake systemd notify socket ------------------------------------------
 
@@ -329,15 +330,7 @@ def in_child_with_listen_fds(fds: List[int], names: Optional[List[str]], work, *
         finally:
             os._exit(0)
     os.close(write_end)
-    chunks = []
-    while True:
-        chunk = os.read(read_end, 65536)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    os.close(read_end)
-    os.waitpid(pid, 0)
-    report = json.loads(b"".join(chunks).decode())
+    report = child_report.collect(read_end, pid)
     return report
 
 

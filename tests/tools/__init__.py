@@ -1,0 +1,1 @@
+"""Tests of the operator tools: the liveupdate command, systemd, the example daemon."""

@@ -10,7 +10,7 @@ import pytest
 
 import liveupdate
 
-service_testing = pytest.importorskip("liveupdate.service.testing")
+from liveupdate.service import testing as service_testing
 
 
 @pytest.fixture

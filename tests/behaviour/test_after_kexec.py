@@ -35,6 +35,13 @@ def stage1(lk: Any, name: str, files: Dict[int, bytes] = {}, dev: Any = None) ->
     right away, as the selftests' create_and_preserve_memfd() does), kept
     open through the kexec. Opens the device unless ``dev`` is given."""
     session = lk.keep((dev or lk.open()).create_session(name))
+    preserve_files(session, files)
+    return session
+
+
+def preserve_files(session: Any, files: Dict[int, bytes]) -> None:
+    """Preserve a new memfd per token holding its bytes; our fds are closed
+    right away, so the session alone keeps the files."""
     for token, data in files.items():
         fd = os.memfd_create(f"file-{token}")
         try:
@@ -43,7 +50,6 @@ def stage1(lk: Any, name: str, files: Dict[int, bytes] = {}, dev: Any = None) ->
             session.preserve(fd, token)
         finally:
             os.close(fd)
-    return session
 
 
 @pytest.fixture
@@ -350,14 +356,7 @@ class Reboot:
     def session(self, name: str, files: Dict[int, bytes] = {}) -> Any:
         session = self.device.create_session(name)
         self.outgoing[name] = session
-        for token, data in files.items():
-            fd = os.memfd_create(f"file-{token}")
-            try:
-                if data:
-                    os.write(fd, data)
-                session.preserve(fd, token)
-            finally:
-                os.close(fd)
+        preserve_files(session, files)
         return session
 
     def kexec(self) -> Any:

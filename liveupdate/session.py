@@ -33,19 +33,19 @@ class Session:
 
     __slots__ = ("_port", "_fd", "_name", "_state", "__weakref__")
 
-    def __init__(self, _port: _port.Port, _fd: int, _state: str, _name: Optional[bytes]) -> None:
-        # Private: sessions come from Device.create_session(),
-        # Device.retrieve_session() or Session.from_fd(). A plain __init__ is
-        # the cheapest way CPython builds an object, and create_session is
-        # a hot path for programs that keep many sessions.
-        self._port = _port
-        self._fd = _fd
-        self._name = _name
-        self._state = _state
+    def __init__(self) -> None:
+        raise TypeError("sessions come from Device.create_session(), Device.retrieve_session() "
+                        "or Session.from_fd()")
 
-    @classmethod
-    def _adopt(cls, port: _port.Port, fd: int, state: str, name: Optional[bytes]) -> "Session":
-        return cls(port, fd, state, name)
+    @staticmethod
+    def _adopt(port: _port.Port, fd: int, state: str, name: Optional[bytes]) -> "Session":
+        """A Session owning ``fd`` (private: for this package and its tests)."""
+        self = _Built()
+        self._port = port
+        self._fd = fd
+        self._name = name
+        self._state = state
+        return self
 
     @classmethod
     def from_fd(cls, fd: int) -> "Session":
@@ -61,7 +61,7 @@ class Session:
             port = _port.recognize(fd)
         except OSError as exc:
             raise errors.wrap(exc, "Session.from_fd", fd=fd) from None
-        self = cls._adopt(port, fd, "unknown", None)
+        self = Session._adopt(port, fd, "unknown", None)
         try:
             self._name = self._get_name()
         except BaseException:
@@ -231,3 +231,16 @@ class Session:
             except OSError:
                 pass
 
+
+class _Built(Session):
+    """How this package makes a Session: ``Session()`` refuses callers, and
+    its subclass with ``object.__init__`` is the cheapest way CPython builds
+    an object (no ``__init__`` frame), which matters on the hot path of
+    create_session for programs that keep thousands of sessions. It adds
+    nothing, and presents itself as Session."""
+
+    __slots__ = ()
+    __init__ = object.__init__  # type: ignore[assignment]
+
+
+_Built.__name__ = _Built.__qualname__ = "Session"

@@ -150,6 +150,21 @@ def test_detach_and_adopt(dev: Any, track: Callable) -> None:
     track(dev.create_session("detach-adopt"))
 
 
+def test_every_session_is_a_plain_session(dev: Any, track: Callable) -> None:
+    # The package builds sessions through a private subclass (the cheap
+    # way, without an __init__ frame); nothing about it may show.
+    from liveupdate import Session
+
+    created = track(dev.create_session("plain-created"))
+    adopted = track(Session.from_fd(dev.create_session("plain-adopted").detach()))
+    for session, state in ((created, "outgoing"), (adopted, "unknown")):
+        assert isinstance(session, Session)
+        assert type(session).__name__ == "Session"
+        assert not hasattr(session, "__dict__")
+        assert session.state == state
+        assert repr(session).startswith("<liveupdate.Session ")
+
+
 def test_many_sessions_keep_their_names(dev: Any, track: Callable, nofile: Callable) -> None:
     # 2000 sessions (40 blocks of 51), half closed in between so the chain
     # shrinks from its middle entries' point of view; the rest still answer.

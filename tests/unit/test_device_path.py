@@ -71,7 +71,7 @@ def test_closed_device(not_a_device):
 def test_device_cannot_be_built_directly():
     with pytest.raises(TypeError):
         liveupdate.Device()
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="create_session"):
         liveupdate.Session()
 
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import List, Optional, Tuple
+from typing import Iterator, List, Optional, Tuple
 
 from . import abi
 from .kho import KHO, PAGE_SIZE
@@ -227,6 +227,15 @@ class BlockSet:
 
     def iterator(self) -> "BlockSetIterator":
         return BlockSetIterator(self)
+
+    def entries(self) -> "Iterator[int]":
+        """The pa of every written entry, first to last: the read loop of
+        the restore paths (kho_block_read_entry until it returns NULL)."""
+        it = BlockSetIterator(self)
+        entry = it.read_entry()
+        while entry is not None:
+            yield entry
+            entry = it.read_entry()
 
     def __repr__(self) -> str:
         state = "incoming" if self.incoming else "outgoing"

@@ -326,12 +326,8 @@ def deserialize(files: LuoFiles, file_set: FileSet, files_pa: int, count: int) -
     file_set.count = 0
     file_set.block_set.restore(files_pa)
     memory = file_set.block_set.kho.memory
-    it = file_set.block_set.iterator()
     try:
-        while True:
-            entry = it.read_entry()
-            if entry is None:
-                break
+        for entry in file_set.block_set.entries():
             compatible, data, token = abi.FILE_SER.unpack(memory.read(entry, abi.FILE_SER.size))
             fh = files.handler_for(compatible)
             if fh is None:

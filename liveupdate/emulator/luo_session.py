@@ -190,12 +190,8 @@ class SessionGlobal:
             return 0
         header = self.incoming
         memory = self.kernel.kho.memory
-        it = header.block_set.iterator()
         try:
-            while True:
-                entry = it.read_entry()
-                if entry is None:
-                    break
+            for entry in header.block_set.entries():
                 name, files_pa, count = abi.SESSION_SER.unpack(memory.read(entry, abi.SESSION_SER.size))
                 session = LuoSession(self.kernel, abi.cstr(name)[: abi.NAME_LENGTH - 1])
                 header.insert(session)

@@ -62,6 +62,8 @@ def test_iterators_fill_then_read_back() -> None:
     reader = bs.iterator()
     assert [reader.read_entry() for _ in range(120)] == slots
     assert reader.read_entry() is None
+    assert list(bs.entries()) == slots
+    assert list(BlockSet(KHO(PhysicalMemory()), 80).entries()) == []
 
 
 def chain(n: int, counts: "list[int] | None" = None) -> "tuple[BlockSet, KHO]":

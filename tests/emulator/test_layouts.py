@@ -246,6 +246,18 @@ def test_session_chain_grows_before_insert_and_shrinks_after_remove() -> None:
     dev.close()
 
 
+def full_block_then_a_refused_duplicate() -> "Tuple[Emulator, List[Any]]":
+    """Exactly one block of sessions, then a create refused as a duplicate
+    (luo_session_insert() grew the chain for it first); the device is closed,
+    the sessions stay open."""
+    emu = Emulator()
+    with emu.open() as dev:
+        handles = [dev.create_session(f"full-{i}") for i in range(SESSIONS_PER_BLOCK)]
+        with pytest.raises(FileExistsError):
+            dev.create_session("full-0")
+    return emu, handles
+
+
 def test_duplicate_name_at_a_full_block_leaves_an_empty_block_and_panics_next_boot() -> None:
     # luo_session_insert() grows the chain before it finds the duplicate and
     # does not shrink it back. With exactly 51 sessions the refused create
@@ -254,13 +266,8 @@ def test_duplicate_name_at_a_full_block_leaves_an_empty_block_and_panics_next_bo
     # 0 -> luo_session_setup_incoming() fails -> luo_restore_fail() panics.
     # Seen on Linux 7.3 in the VM: "Kernel panic - not syncing: The incoming
     # tree failed to initialize properly [-EINVAL]" right after the kexec.
-    emu = Emulator()
-    dev = emu.open()
-    handles = [dev.create_session(f"full-{i}") for i in range(SESSIONS_PER_BLOCK)]
-    with pytest.raises(FileExistsError):
-        dev.create_session("full-0")
+    emu, handles = full_block_then_a_refused_duplicate()
     assert emu.kernel.sessions.outgoing.block_set.nblocks == 2
-    dev.close()
     with pytest.raises(KernelPanic):
         emu.kexec()
     assert emu.kernel is None
@@ -272,14 +279,9 @@ def test_duplicate_name_at_a_full_block_leaves_an_empty_block_and_panics_next_bo
 
 
 def test_duplicate_name_leak_is_repaired_by_the_next_remove() -> None:
-    emu = Emulator()
-    dev = emu.open()
-    handles = [dev.create_session(f"full-{i}") for i in range(SESSIONS_PER_BLOCK)]
-    with pytest.raises(FileExistsError):
-        dev.create_session("full-0")
+    emu, handles = full_block_then_a_refused_duplicate()
     handles.pop().close()  # shrink(50): the empty block goes
     assert emu.kernel.sessions.outgoing.block_set.nblocks == 1
-    dev.close()
     mem = kexec(emu, *handles)
     assert [c for _, c, _ in mem.chain(mem.root()[2], SESSION_SIZE)] == [50]
 

@@ -95,6 +95,11 @@ def junit_counts(path: str) -> Dict[str, int]:
     return counts
 
 
+def counted(counts: Dict[str, int]) -> str:
+    """A junit_counts() result as the VM tier's summary lines show it."""
+    return "%(passed)d passed, %(failures)d failed, %(errors)d errors, %(skipped)d skipped" % counts
+
+
 @dataclass
 class VmRun:
     """What one ``tools/vmtest`` run brought back."""

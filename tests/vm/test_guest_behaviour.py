@@ -13,7 +13,7 @@ import os
 
 import pytest
 
-from .conftest import GUEST_PYTEST_ENV, REPO
+from .conftest import GUEST_PYTEST_ENV, REPO, counted
 
 DEVICE_ONLY = ["LIVEUPDATE_TEST_BACKENDS=device", "LIVEUPDATE_REQUIRE_DEVICE=1"]
 
@@ -25,11 +25,9 @@ def test_behaviour_suite_on_device(run_vm, guest_summary) -> None:
                     "--junitxml=$LIVEUPDATE_VM_OUT/behaviour-stage$LIVEUPDATE_STAGE.xml",
                     kexec=True, env=DEVICE_ONLY + GUEST_PYTEST_ENV, timeout=600)
     first = result.junit("behaviour-stage1.xml")
-    guest_summary("tests/behaviour on the device, stage 1: %(passed)d passed, %(failures)d failed, "
-                  "%(errors)d errors, %(skipped)d skipped" % first)
+    guest_summary("tests/behaviour on the device, stage 1: " + counted(first))
     assert first["passed"] > 0 and first["failures"] == first["errors"] == 0, result.explain()
     second = result.junit("behaviour-stage2.xml")
-    guest_summary("tests/behaviour on the device, stage 2 (after the kexec): %(passed)d passed, "
-                  "%(failures)d failed, %(errors)d errors, %(skipped)d skipped" % second)
+    guest_summary("tests/behaviour on the device, stage 2 (after the kexec): " + counted(second))
     assert second["failures"] == second["errors"] == 0, result.explain()
     assert result.returncode == 0, result.explain()

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from .conftest import GUEST_PYTEST_ENV, REPO
+from .conftest import GUEST_PYTEST_ENV, REPO, counted
 
 
 def test_tools_on_the_real_kernel(run_vm, guest_summary) -> None:
@@ -19,12 +19,10 @@ def test_tools_on_the_real_kernel(run_vm, guest_summary) -> None:
                     stage2=f"python3 -m pytest tests/tools -p no:cacheprovider -q -rfEs -k real {junit}",
                     env=GUEST_PYTEST_ENV, timeout=900)
     first = result.junit("tools-stage1.xml")
-    guest_summary("tests/tools on the real kernel, stage 1: %(passed)d passed, %(failures)d failed, "
-                  "%(errors)d errors, %(skipped)d skipped" % first)
+    guest_summary("tests/tools on the real kernel, stage 1: " + counted(first))
     assert first["passed"] > 0 and first["failures"] == first["errors"] == 0, result.explain()
     second = result.junit("tools-stage2.xml")
-    guest_summary("tests/tools after the kexec (hold, example daemon): %(passed)d passed, %(failures)d failed, "
-                  "%(errors)d errors, %(skipped)d skipped" % second)
+    guest_summary("tests/tools after the kexec (hold, example daemon): " + counted(second))
     assert second["passed"] >= 2 and second["failures"] == second["errors"] == second["skipped"] == 0, \
         result.explain()
     assert result.returncode == 0, result.explain()

@@ -47,8 +47,8 @@ class Session:
         self._state = state
         return self
 
-    @classmethod
-    def from_fd(cls, fd: int) -> "Session":
+    @staticmethod
+    def from_fd(fd: int) -> "Session":
         """Adopt a session fd received from elsewhere: inherited, passed with
         SCM_RIGHTS, or handed back by systemd's fd store. The Session owns the
         fd from then on (closing it closes the fd). Works for the kernel's

@@ -1,13 +1,17 @@
 #!/bin/sh
-# Install what the VM tier needs on the host (Debian/Ubuntu): QEMU for x86-64
-# and kexec-tools (the guest runs the host's /sbin/kexec). Idempotent and
-# quiet: does nothing when both are already there.
+# Install what the VM tiers need on the host (Debian/Ubuntu): QEMU for x86-64,
+# kexec-tools (the 9p guest runs the host's /sbin/kexec), and for the systemd
+# tier mmdebstrap and e2fsprogs (tools/vm/systemd_image.py builds a Debian
+# sid image with them). Idempotent and quiet: does nothing when all are there.
 set -eu
 
 missing=""
 command -v qemu-system-x86_64 >/dev/null 2>&1 || missing="$missing qemu-system-x86"
 [ -x /sbin/kexec ] || [ -x /usr/sbin/kexec ] || command -v kexec >/dev/null 2>&1 \
     || missing="$missing kexec-tools"
+command -v mmdebstrap >/dev/null 2>&1 || missing="$missing mmdebstrap"
+command -v mkfs.ext4 >/dev/null 2>&1 || [ -x /sbin/mkfs.ext4 ] || [ -x /usr/sbin/mkfs.ext4 ] \
+    || missing="$missing e2fsprogs"
 [ -z "$missing" ] && exit 0
 
 if ! command -v apt-get >/dev/null 2>&1; then

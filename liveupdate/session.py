@@ -16,6 +16,16 @@ _pack_fd_token = _abi.PRESERVE_FD.pack
 _unpack_fd_token = _abi.RETRIEVE_FD.unpack
 _FD_TOKEN_SIZE = _abi.PRESERVE_FD.size
 
+# "Is this session outgoing or incoming?", asked without side effects: a
+# PRESERVE_FD (an outgoing-only command) whose argument claims 1024 bytes,
+# the last one non-zero. The kernel checks the session's kind first (EINVAL
+# on an incoming session), then refuses non-zero bytes beyond the struct it
+# knows (E2BIG on an outgoing one), before the command runs. Should a later
+# kernel ever understand that many bytes, fd -1 still makes it EBADF.
+_PROBE_SIZE = 1024  # the most fcntl.ioctl() copies in and out
+_STATE_PROBE = _pack_fd_token(_PROBE_SIZE, -1, 0) + bytes(_PROBE_SIZE - _FD_TOKEN_SIZE - 1) + b"\x01"
+_PROBED_STATE = {errno.E2BIG: "outgoing", errno.EBADF: "outgoing", errno.EINVAL: "incoming"}
+
 
 class Session:
     """A session fd of ``/dev/liveupdate`` (or of an emulator).
@@ -54,6 +64,14 @@ class Session:
         fd from then on (closing it closes the fd). Works for the kernel's
         session fds and for those of the emulators.
 
+        The kernel tells its two kinds of session apart by a flag user
+        space cannot read, so the Session asks it with a command that is
+        refused either way, differently for each kind (nothing changes):
+        :attr:`state` is then "outgoing" (made in this kernel, e.g. handed
+        back by systemd after a plain restart) or "incoming" (handed over
+        by the previous kernel, e.g. handed back by systemd after a kexec).
+        A finished incoming session still reads "incoming".
+
         Raises OSError: EBADF (``fd`` is not open), ENOTTY (it is no session)."""
         if not isinstance(fd, int) or isinstance(fd, bool):
             raise TypeError(f"Session.from_fd takes an int fd, not {type(fd).__name__} (use its detach() first)")
@@ -64,10 +82,18 @@ class Session:
         self = Session._adopt(port, fd, "unknown", None)
         try:
             self._name = self._get_name()
+            self._state = self._probe_state()
         except BaseException:
             self._fd = -1  # the caller still owns fd: do not close it
             raise
         return self
+
+    def _probe_state(self) -> str:
+        try:
+            self._port.ioctl(self._fd, _PRESERVE_FD, _STATE_PROBE)
+        except OSError as exc:
+            return _PROBED_STATE.get(exc.errno or 0, "unknown")
+        return "unknown"  # accepted: a kernel this library does not know
 
     # -- the four session ioctls ------------------------------------------
 
@@ -175,9 +201,10 @@ class Session:
 
     @property
     def state(self) -> str:
-        """What this handle knows of its session: "outgoing" (created here),
-        "incoming" (retrieved after a kexec), "finished", "unknown" (adopted
-        with from_fd) or "closed"."""
+        """What this handle knows of its session: "outgoing" (created in
+        this kernel), "incoming" (handed over by the previous one), "finished"
+        (finished through this handle), "closed", or "unknown" (adopted with
+        :meth:`from_fd` from a kernel that answered neither way)."""
         return "closed" if self._fd < 0 else self._state
 
     @property

@@ -341,6 +341,29 @@ def test_retrieve_costs_one_fd(liveupdate_kexec: Any, track: Callable, fds: Call
             fds(fd)
 
 
+def test_an_adopted_session_knows_its_kind(liveupdate_kexec: Any, track: Callable, fds: Callable) -> None:
+    # Session.from_fd asks with a command the kernel refuses either way
+    # (EINVAL on an incoming session, E2BIG on an outgoing one), so the
+    # answer changes nothing: the files are all there afterwards.
+    from liveupdate import Session
+
+    lk = liveupdate_kexec
+    if lk.stage == 1:
+        session = stage1(lk, "kxb-adopted-kind", {4: b"four"})
+        adopted = Session.from_fd(os.dup(session.fileno()))
+        assert adopted.state == "outgoing"
+        adopted.close()
+        lk.kexec()
+    session = track(lk.open().retrieve_session("kxb-adopted-kind"))
+    adopted = track(Session.from_fd(os.dup(session.fileno())))
+    assert adopted.state == "incoming"
+    assert adopted.name == "kxb-adopted-kind"
+    fd = fds(adopted.retrieve(4))
+    assert os.pread(fd, 4, 0) == b"four"
+    adopted.close()
+    session.finish()
+
+
 # -- two kexecs in a row: the emulator only --------------------------------------
 
 class Reboot:

@@ -157,7 +157,8 @@ def test_every_session_is_a_plain_session(dev: Any, track: Callable) -> None:
 
     created = track(dev.create_session("plain-created"))
     adopted = track(Session.from_fd(dev.create_session("plain-adopted").detach()))
-    for session, state in ((created, "outgoing"), (adopted, "unknown")):
+    # An adopted session asks the kernel which kind it is: outgoing here.
+    for session, state in ((created, "outgoing"), (adopted, "outgoing")):
         assert isinstance(session, Session)
         assert type(session).__name__ == "Session"
         assert not hasattr(session, "__dict__")

@@ -414,17 +414,21 @@ def test_find_sessions_takes_the_sessions_and_leaves_the_rest(device) -> None:
             still_open = os.fstat(4).st_ino == os.fstat(4).st_ino  # raises EBADF if closed
             return {
                 "names": sorted(sessions),
+                "kernel_names": {name: session.name for name, session in sessions.items()},
                 "fds": {name: session.fileno() for name, session in sessions.items()},
                 "state": sorted({session.state for session in sessions.values()}),
                 "other_open": still_open,
             }
 
-        # Stored under other names: the key is the session's own name.
+        # Stored under other names: the key is the fd store name (what a
+        # unit's LUOSession= or store_session(name=) says), the session
+        # keeps its kernel name, and the kernel says it is still outgoing.
         report = in_child_with_listen_fds(
             [first.fileno(), other, second.fileno()], ["store-a", "blob", "store-b"], work
         )
         assert report == {
-            "ok": {"names": ["alpha", "beta"], "fds": {"alpha": 3, "beta": 5}, "state": ["unknown"], "other_open": True}
+            "ok": {"names": ["store-a", "store-b"], "kernel_names": {"store-a": "alpha", "store-b": "beta"},
+                   "fds": {"store-a": 3, "store-b": 5}, "state": ["outgoing"], "other_open": True}
         }
     finally:
         first.close()
@@ -441,8 +445,10 @@ def test_find_sessions_keeps_the_first_of_duplicates(device) -> None:
             os.fstat(4)  # the duplicate is left open
             return {name: s.fileno() for name, s in sessions.items()}
 
-        report = in_child_with_listen_fds([session.fileno(), session.fileno()], ["a", "b"], work)
-        assert report == {"ok": {"twice": 3}}
+        # Two fd store entries of one name (systemd keeps both when the
+        # files differ): the first is adopted.
+        report = in_child_with_listen_fds([session.fileno(), session.fileno()], ["a", "a"], work)
+        assert report == {"ok": {"a": 3}}
     finally:
         session.close()
 

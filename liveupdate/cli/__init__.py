@@ -20,7 +20,7 @@ PROG = "liveupdate"
 
 #: The subcommand modules, by module name inside this package. A module that
 #: is not there (yet) is left out of the command rather than breaking it.
-SUBCOMMANDS = ("status", "inspect", "hold", "kexec", "emulator")
+SUBCOMMANDS = ("status", "check", "inspect", "hold", "kexec", "emulator")
 
 
 def _modules() -> List[object]:

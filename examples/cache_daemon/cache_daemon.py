@@ -1,21 +1,25 @@
 #!/usr/bin/env python3
 """A small key-value cache that keeps its data across a kernel live update.
 
-The data lives in a memfd (not in Python objects), which the daemon
-preserves in a Live Update session named after itself. After a kexec into
-a kernel booted with ``liveupdate=on``, the next instance of the daemon
-retrieves the session, takes the memfd back and serves the same data at
-once, without rebuilding anything.
+The data lives in a memfd (not in Python objects), which survives a kexec
+into a kernel booted with ``liveupdate=on``; the next instance of the daemon
+takes the memfd back and serves the same data at once, without rebuilding
+anything. Two ways, chosen by how it runs:
 
-Three ways it can find its data when it starts, tried in this order:
+under systemd with an fd store (the shipped ``cache-daemon.service``)
+    the daemon pushes the memfd into its fd store (``FDSTORE=1``) and that
+    is all: systemd (v261 or later, ``FileDescriptorStorePreserve=yes``)
+    hands it back after a plain restart, and across ``systemctl kexec``
+    preserves it in its own Live Update session and hands it back in the
+    next kernel, kexec after kexec;
+anywhere else
+    the daemon preserves the memfd in a Live Update session named after
+    itself and keeps the session open; after a kexec it retrieves the
+    session (from ``/dev/liveupdate``, or from the emulator service after
+    ``liveupdate emulator kexec``), takes the memfd back and preserves it
+    in a new session for the next kexec.
 
-1. systemd handed it fds (``LISTEN_FDS``): an *incoming* session (systemd
-   v261 re-retrieved it after a kexec), or the *outgoing* session and the
-   data memfd it stored before a plain restart;
-2. the Live Update device has an incoming session of its name (a kexec
-   without systemd, or the emulator service after ``liveupdate emulator
-   kexec``);
-3. nothing: a fresh, empty cache.
+With neither, it starts with a fresh, empty cache.
 
 Usage::
 
@@ -32,7 +36,6 @@ with ``liveupdate emulator kexec``.
 from __future__ import annotations
 
 import argparse
-import errno
 import fcntl
 import json
 import os
@@ -101,86 +104,47 @@ def log(text: str) -> None:
     sys.stderr.flush()
 
 
-def _from_systemd(name: str) -> Tuple[Optional[liveupdate.Session], Optional[int], Optional[int]]:
-    """(session, data memfd if restarted, data memfd if retrieved after a
-    kexec) from what systemd passed; all None when it passed nothing."""
-    passed = {entry.name: entry.fd for entry in systemd.listen_fds()}
-    sessions = systemd.find_sessions(unset_environment=True)
-    session = sessions.pop(name, None)
-    for other in sessions.values():
-        other.detach()  # not ours to end
-    stored_data = passed.get(f"{name}-data")
-    if session is None:
-        return None, stored_data, None
-    try:
-        retrieved = session.retrieve(DATA_TOKEN)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        # EINVAL: an outgoing session, so this is a restart without a kexec;
-        # the data is still in the memfd systemd kept for us.
-        return session, stored_data, None
-    # An incoming session: systemd took it back from the new kernel for us.
-    session.finish()
-    session.close()
-    if stored_data is not None:
-        os.close(stored_data)
-    # The kernel frees the name only when every fd of the session is
-    # closed, systemd's copy included; the barrier waits until it is.
-    systemd.remove_fd(name)
-    systemd.remove_fd(f"{name}-data")
-    systemd.barrier()
-    return None, None, retrieved
+def _fd_store() -> bool:
+    """Whether systemd runs us with an fd store to keep the memfd in."""
+    size = os.environ.get("FDSTORE", "")
+    return systemd.notify_socket() is not None and size.isascii() and size.isdigit() and int(size) > 0
 
 
 def recover(name: str, capacity: int) -> Tuple[MemfdStore, Optional[liveupdate.Session], str]:
-    """Find the cache's data and its session; returns (store, the session
-    still preserving it or None, how it was found)."""
-    session, kept_fd, retrieved_fd = (None, None, None)
-    if os.environ.get("LISTEN_FDS"):
-        session, kept_fd, retrieved_fd = _from_systemd(name)
-    if retrieved_fd is not None:
-        return MemfdStore(retrieved_fd), None, "kexec (session from systemd)"
-    if session is not None and kept_fd is not None:
-        return MemfdStore(kept_fd), session, "restart (fds from systemd)"
-    if session is not None:
-        # A session without its memfd is of no use: end it so that the name
-        # is free for a new one.
-        session.close()
-        systemd.remove_fd(name)
+    """Find the cache's data; returns (store, the session preserving it or
+    None, how it was found)."""
+    if _fd_store():
+        passed = {entry.name: entry.fd for entry in systemd.listen_fds(unset_environment=True)}
+        fd = passed.pop(f"{name}-data", None)
+        if fd is not None:
+            return MemfdStore(fd), None, "systemd's fd store"
+        store = MemfdStore.create(capacity, name)
+        systemd.store_fd(store.fd, f"{name}-data")
         systemd.barrier()
+        return store, None, "fresh start"
     with liveupdate.open(timeout=30, **OPEN_ARGS) as dev:
         try:
             incoming = dev.retrieve_session(name)
         except FileNotFoundError:
-            return MemfdStore.create(capacity, name), None, "fresh start"
-        fd = incoming.retrieve(DATA_TOKEN)
-        incoming.finish()
-        incoming.close()
-    return MemfdStore(fd), None, "kexec (session from the device)"
+            store, origin = MemfdStore.create(capacity, name), "fresh start"
+        else:
+            # The kernel will not hand this session over again: take the
+            # memfd out, finish the session, and preserve the memfd anew.
+            fd = incoming.retrieve(DATA_TOKEN)
+            incoming.finish()
+            incoming.close()
+            store, origin = MemfdStore(fd), "kexec (session from the device)"
+        session = dev.create_session(name)
+    session.preserve(store.fd, DATA_TOKEN)
+    return store, session, origin
 
 
 #: Extra arguments of liveupdate.open(): the service to use, when asked for.
 OPEN_ARGS: dict = {}
 
 
-def preserve(store: MemfdStore, name: str) -> liveupdate.Session:
-    """Put the data memfd in a new outgoing session, and hand both to
-    systemd when it runs us with an fd store."""
-    with liveupdate.open(timeout=30, **OPEN_ARGS) as dev:
-        session = dev.create_session(name)
-    session.preserve(store.fd, DATA_TOKEN)
-    if systemd.notify_socket() is not None and os.environ.get("FDSTORE"):
-        systemd.remove_fd(name)  # entries of an earlier instance, if any
-        systemd.remove_fd(f"{name}-data")
-        systemd.store_session(session, name)
-        systemd.store_fd(store.fd, f"{name}-data")
-        systemd.barrier()
-    return session
-
-
 class Server:
-    def __init__(self, path: str, store: MemfdStore, session: liveupdate.Session, origin: str) -> None:
+    def __init__(self, path: str, store: MemfdStore, session: Optional[liveupdate.Session], origin: str) -> None:
         self.path = path
         self.store = store
         self.session = session
@@ -209,8 +173,8 @@ class Server:
             stats = {
                 "keys": len(self.data),
                 "origin": self.origin,
-                "session": self.session.name,
-                "backend": self.session.backend,
+                "session": self.session.name if self.session else None,
+                "backend": self.session.backend if self.session else "systemd",
                 "capacity": self.store.capacity,
             }
             return "OK " + json.dumps(stats, sort_keys=True)
@@ -262,8 +226,10 @@ def serve(args: argparse.Namespace) -> int:
         OPEN_ARGS["emulator"] = args.emulator
     store, session, origin = recover(args.name, args.capacity)
     if session is None:
-        session = preserve(store, args.name)
-    log(f"{origin}: session {session.name!r} ({session.backend}) preserves the data memfd under token {DATA_TOKEN}")
+        log(f"{origin}: the data memfd is in systemd's fd store as {args.name}-data")
+    else:
+        log(f"{origin}: session {session.name!r} ({session.backend}) preserves the data memfd "
+            f"under token {DATA_TOKEN}")
     Server(args.socket, store, session, origin).serve()
     return 0
 

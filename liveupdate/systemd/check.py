@@ -33,11 +33,11 @@ import re
 import stat
 import subprocess
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .. import errors
 
-__all__ = ["StoredFd", "UnitCheck", "check_unit", "pidfd_getfd", "parse_fdstore_table"]
+__all__ = ["StoredFd", "UnitCheck", "check_unit", "judge", "pidfd_getfd", "parse_fdstore_table"]
 
 _SYS_PIDFD_GETFD = 438  # the same on every architecture (the unified table)
 _PROBE_NAME = "liveupdate-check-%d"
@@ -195,18 +195,20 @@ _VERDICT_BY_ERRNO = {
 
 class _Prober:
     """A throwaway outgoing session that the kernel is asked to preserve
-    each file in; closing it preserves nothing."""
+    each file in; closing it preserves nothing. ``open_device`` None: the
+    kernel is not asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, open_device: Optional[Callable[[], Any]]) -> None:
         self.session: Any = None
         self.error: Optional[OSError] = None
         self.token = 0
+        self.open_device = open_device
 
     def __enter__(self) -> "_Prober":
-        import liveupdate
-
+        if self.open_device is None:
+            return self
         try:
-            with liveupdate.open(backend="device", timeout=5) as dev:
+            with self.open_device() as dev:
                 self.session = dev.create_session(_PROBE_NAME % os.getpid())
         except OSError as exc:
             self.error = exc
@@ -229,14 +231,16 @@ class _Prober:
             self.session.close()
 
 
-def _judge_session(entry: StoredFd, dup: int) -> None:
+def _as_session(entry: StoredFd, fd: int) -> bool:
+    """Fill in ``entry`` if ``fd`` is a Live Update session (of any backend)."""
     from ..session import Session
 
-    session = Session.from_fd(dup)
     try:
-        entry.session, entry.state = session.name, session.state
-    finally:
-        session.close()
+        session = Session.from_fd(os.dup(fd))
+    except OSError:
+        return False
+    with session:
+        entry.kind, entry.session, entry.state = "session", session.name, session.state
     if entry.session == "systemd":
         entry.survives = False
         entry.reason = "a session named 'systemd' is systemd's own: it skips it"
@@ -251,6 +255,7 @@ def _judge_session(entry: StoredFd, dup: int) -> None:
     else:
         entry.survives = None
         entry.reason = f"session {entry.session!r}: the kernel did not say whether it is outgoing"
+    return True
 
 
 def _judge_file(entry: StoredFd, dup: int, prober: _Prober) -> None:
@@ -271,6 +276,47 @@ def _judge_file(entry: StoredFd, dup: int, prober: _Prober) -> None:
     entry.reason = _VERDICT_BY_ERRNO.get(answer, os.strerror(answer))
 
 
+#: One fd store entry to judge: its name, its /proc link, a duplicate of
+#: its fd (owned by judge()) or None with the reason it could not be had.
+Stored = Tuple[str, str, Optional[int], str]
+
+
+def judge(unit: str, preserve: str, stored: Iterable[Stored],
+          open_device: Optional[Callable[[], Any]]) -> UnitCheck:
+    """The verdicts on ``stored`` for a unit whose FileDescriptorStorePreserve=
+    is ``preserve``; ``open_device`` opens the device the kernel is asked
+    through (None: judge by rule). Shared by :func:`check_unit` and the
+    emulated service manager."""
+    result = UnitCheck(unit, preserve)
+    stored = list(stored)
+    if not stored:
+        result.notes.append("the fd store is empty")
+        return result
+    if not result.carried:
+        result.notes.append(f"FileDescriptorStorePreserve={preserve}: systemd does not carry this "
+                            "unit's fd store through a kexec (set it to yes)")
+    with _Prober(open_device if result.carried else None) as prober:
+        if prober.error is not None:
+            result.notes.append(f"the kernel could not be asked ({prober.error.strerror}): verdicts by rule")
+        for name, path, dup, why in stored:
+            entry = StoredFd(name, "other", path, None, why)
+            if dup is None:
+                result.entries.append(entry)
+                continue
+            try:
+                if not _as_session(entry, dup):
+                    entry.kind = _kind(os.fstat(dup).st_mode, path)
+                    if result.carried:
+                        _judge_file(entry, dup, prober)
+                if not result.carried:
+                    entry.survives = False
+                    entry.reason = "the unit's fd store is not carried (FileDescriptorStorePreserve=)"
+            finally:
+                os.close(dup)
+            result.entries.append(entry)
+    return result
+
+
 def check_unit(unit: str, *, probe: bool = True) -> UnitCheck:
     """What of ``unit``'s fd store the next kexec keeps (see the module).
 
@@ -279,48 +325,30 @@ def check_unit(unit: str, *, probe: bool = True) -> UnitCheck:
     props = _properties(unit)
     if props.get("LoadState") == "not-found":
         raise errors.make(errno.ENOENT, "check_unit", "no such unit", unit=unit)
-    result = UnitCheck(props.get("Id", unit), props.get("FileDescriptorStorePreserve", "no"))
-    stored = _entries(result.unit)
-    if not stored:
-        result.notes.append("the fd store is empty")
-        return result
-    if not result.carried:
-        result.notes.append(f"FileDescriptorStorePreserve={result.preserve}: systemd does not carry this "
-                            "unit's fd store through a kexec (set it to yes)")
+    name = props.get("Id", unit)
     fds = _pid1_fds()
-    with _Prober() if probe and result.carried else _NoProbe() as prober:
-        if prober.error is not None:
-            result.notes.append(f"the kernel could not be asked ({prober.error.strerror}): verdicts by rule")
-        for name, (major, minor), inode, path in stored:
-            pid1_fd = fds.get((os.makedev(major, minor), inode, path)) if major >= 0 else None
-            entry = StoredFd(name, "other", path, None, "")
+    stored: List[Stored] = []
+    try:
+        for fdname, (major, minor), inode, path in _entries(name):
+            pid1_fd = fds.get((os.makedev(major, minor), inode, path))
             if pid1_fd is None:
-                entry.reason = "not found among PID 1's fds"
-                result.entries.append(entry)
+                stored.append((fdname, path, None, "not found among PID 1's fds"))
                 continue
             try:
-                dup = pidfd_getfd(1, pid1_fd)
+                stored.append((fdname, path, pidfd_getfd(1, pid1_fd), ""))
             except OSError as exc:
                 if exc.errno == errno.EPERM:
                     raise errors.make(errno.EPERM, "check_unit", "reading PID 1's fds needs root", unit=unit) from None
-                entry.reason = f"PID 1's fd {pid1_fd} could not be read ({exc.strerror})"
-                result.entries.append(entry)
-                continue
-            try:
-                entry.kind = _kind(os.fstat(dup).st_mode, path)
-                if not result.carried:
-                    entry.survives = False
-                    entry.reason = "the unit's fd store is not carried (FileDescriptorStorePreserve=)"
-                elif entry.kind == "session":
-                    _judge_session(entry, os.dup(dup))
-                else:
-                    _judge_file(entry, dup, prober)
-            finally:
+                stored.append((fdname, path, None, f"PID 1's fd {pid1_fd} could not be read ({exc.strerror})"))
+    except BaseException:
+        for _, _, dup, _ in stored:
+            if dup is not None:
                 os.close(dup)
-            result.entries.append(entry)
-    return result
+        raise
 
+    def open_device() -> Any:
+        import liveupdate
 
-class _NoProbe(_Prober):
-    def __enter__(self) -> "_Prober":
-        return self
+        return liveupdate.open(backend="device", timeout=5)
+
+    return judge(name, props.get("FileDescriptorStorePreserve", "no"), stored, open_device if probe else None)

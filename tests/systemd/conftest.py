@@ -49,10 +49,12 @@ from scenarios import SERVICES  # noqa: E402
 def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item]) -> None:
     for item in items:
         if str(item.fspath).startswith(HERE + os.sep):
-            item.add_marker(pytest.mark.vm)
             item.add_marker(pytest.mark.systemd)
             if os.environ.get("LIVEUPDATE_STAGE"):
                 item.add_marker(pytest.mark.skip(reason="already inside a vmtest guest"))
+            callspec = getattr(item, "callspec", None)
+            if (callspec is not None and callspec.params.get("tier") == "systemd") or "differential" in item.nodeid:
+                item.add_marker(pytest.mark.vm)
 
 
 def _cannot_run(reason: str) -> None:
@@ -126,8 +128,36 @@ def _load(result: Tier) -> Tier:
     return result
 
 
+@pytest.fixture(scope="session", params=["systemd", "emulated"])
+def tier(request: pytest.FixtureRequest) -> Tier:
+    """The three boots under real systemd (in the guest) and under the
+    emulated manager (on this host): every test here holds for both."""
+    return request.getfixturevalue(request.param + "_tier")
+
+
 @pytest.fixture(scope="session")
-def tier(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tier]:
+def emulated_tier(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tier:
+    """The same services, units and flow under liveupdate.emulator.systemd."""
+    again = os.environ.get("LIVEUPDATE_EMULATED_TIER_RESULTS")
+    if again:
+        return _load(Tier(0, "(results of an earlier run: %s)" % again, again))
+    from . import emulated
+
+    out = str(tmp_path_factory.mktemp("emulated-tier"))
+    start = time.monotonic()
+    try:
+        emulated.run(out)
+        rc, output = 0, ""
+    except Exception as exc:  # the tests then fail with what happened
+        import traceback
+
+        rc, output = 1, traceback.format_exc()
+    _say(request.config, "systemd tier, emulated manager: 3 boots in %.0f s" % (time.monotonic() - start))
+    return _load(Tier(rc, output, out))
+
+
+@pytest.fixture(scope="session")
+def systemd_tier(request: pytest.FixtureRequest) -> Iterator[Tier]:
     again = os.environ.get("LIVEUPDATE_SYSTEMD_TIER_RESULTS")
     if again:
         # The --out directory of an earlier guest run: check it again

@@ -5,6 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Dict, List, NamedTuple
 
+# The kernel name systemd 262 gives a LUOSession= session, as the emulated
+# manager derives it; the tier checks it against the real systemd's.
+from liveupdate.emulator.systemd.service import luo_session_kernel_name  # noqa: F401
+
 SEAL_SEAL, SEAL_SHRINK, SEAL_GROW, SEAL_WRITE = 0x1, 0x2, 0x4, 0x8
 
 
@@ -56,13 +60,3 @@ SERVICES = {
     "luo-libd-keep.service": "libd.py keep",
     "luo-drop.service": "drop.py",
 }
-
-
-def luo_session_kernel_name(unit: str, name: str) -> str:
-    """The kernel name systemd 262 gives a ``LUOSession=name`` session of
-    ``unit``: the unit's first 13 characters, "-", then 24 hex digits of a
-    SHA-256 of "unit/name" made a v4 UUID (measured: the tier checks it)."""
-    raw = bytearray(hashlib.sha256(f"{unit}/{name}".encode()).digest()[:16])
-    raw[6] = (raw[6] & 0x0F) | 0x40
-    raw[8] = (raw[8] & 0x3F) | 0x80
-    return f"{unit[:13]}-{raw.hex()[:24]}"

@@ -20,7 +20,8 @@ import stat
 import time
 from typing import Any, Dict, List, Optional
 
-REPORTS = "/var/lib/luo-tier/reports"
+# The emulated run (tests/systemd/emulated.py) points these elsewhere.
+REPORTS = os.environ.get("LUO_TIER_REPORTS", "/var/lib/luo-tier/reports")
 F_ADD_SEALS, F_GET_SEALS = 1033, 1034
 SEAL_SEAL, SEAL_SHRINK, SEAL_GROW, SEAL_WRITE, SEAL_FUTURE_WRITE = 0x1, 0x2, 0x4, 0x8, 0x10
 
@@ -53,6 +54,8 @@ def read_all(fd: int) -> bytes:
 
 
 def boot_id() -> str:
+    if os.environ.get("LUO_TIER_BOOT"):  # an emulated kexec keeps the host's boot id
+        return os.environ["LUO_TIER_BOOT"]
     with open("/proc/sys/kernel/random/boot_id") as f:
         return f.read().strip()
 

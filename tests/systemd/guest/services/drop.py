@@ -8,22 +8,25 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from scenarios import SEAL_WRITE  # noqa: E402
-from tierlib import Report, memfd, ready_and_wait  # noqa: E402
+from tierlib import REPORTS, Report, memfd, ready_and_wait  # noqa: E402
 
 import liveupdate  # noqa: E402
 from liveupdate import systemd  # noqa: E402
 
 report = Report("luo-drop.service")
+DATA = os.path.dirname(REPORTS)   # a directory on a disk
+TMPFS = os.environ.get("LUO_TIER_TMPFS", "/dev/shm")   # tmpfs, in the guest and on a host
 if not systemd.listen_fds():
     keep = []
     left, right = socket.socketpair()
     read_end, write_end = os.pipe()
-    regular = os.open("/var/lib/luo-tier/regular-file", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    regular = os.open(os.path.join(DATA, "regular-file"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(regular, b"a file on a disk")
-    unlinked = os.open("/tmp/luo-drop-unlinked", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    unlinked_path = os.path.join(TMPFS, "luo-drop-unlinked")
+    unlinked = os.open(unlinked_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(unlinked, b"a tmpfs file, unlinked")
-    os.unlink("/tmp/luo-drop-unlinked")
-    tmpfs = os.open("/tmp/luo-drop-tmpfs", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.unlink(unlinked_path)
+    tmpfs = os.open(os.path.join(TMPFS, "luo-drop-tmpfs"), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     os.write(tmpfs, b"a tmpfs file, still linked")
     both = memfd("tier/inboth", 4096)
     with liveupdate.open(timeout=30) as dev:
@@ -37,7 +40,7 @@ if not systemd.listen_fds():
         ("socket", left.fileno(), False),
         ("pipe", read_end, False),
         ("eventfd", os.eventfd(0), True),
-        ("directory", os.open("/var/lib/luo-tier", os.O_RDONLY | os.O_DIRECTORY), True),
+        ("directory", os.open(DATA, os.O_RDONLY | os.O_DIRECTORY), True),
         ("regular", regular, True),
         ("tmpfs", tmpfs, True),
         ("unlinked", unlinked, True),

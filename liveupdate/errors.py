@@ -19,6 +19,7 @@ __all__ = [
     "BusyError",
     "StaleHandleError",
     "KernelPanic",
+    "EmulatorFallbackWarning",
     # one per builtin OSError subclass, for the errnos Python maps to one
     "PermissionLiveUpdateError",
     "FileNotFoundLiveUpdateError",
@@ -71,6 +72,20 @@ class StaleHandleError(LiveUpdateError):
 class KernelPanic(Exception):
     """An emulated kernel failed to boot from the preserved memory (where
     the real kernel would panic or disable live update at boot)."""
+
+
+class EmulatorFallbackWarning(UserWarning):
+    """``liveupdate.open()`` found no ``/dev/liveupdate`` and fell back to the
+    in-process emulator, whose sessions do not survive a real kexec.
+
+    Issued once per process (and logged at WARNING on the ``liveupdate``
+    logger). A daemon that must never run on the emulator sets
+    ``LIVEUPDATE_BACKEND=device`` (``open()`` then fails instead), or turns
+    the warning into an error with
+    ``warnings.simplefilter("error", liveupdate.EmulatorFallbackWarning)``
+    (in pytest: ``-W error::liveupdate.EmulatorFallbackWarning``; Python's
+    own ``-W`` cannot name it, as it runs before site-packages, where cffi
+    lives, can be imported)."""
 
 
 # The classes for errnos that Python maps to a builtin OSError subclass.

@@ -20,6 +20,10 @@ BACKENDS = ("auto", "device", "emulator", "service")
 BACKEND_ENV = "LIVEUPDATE_BACKEND"
 
 _log = logging.getLogger("liveupdate")
+# A library's logger stays silent until the program configures logging:
+# without this, logging's last-resort handler would print the fallback
+# message a second time, next to the warning.
+_log.addHandler(logging.NullHandler())
 
 _CREATE = _abi.IOCTL_CREATE_SESSION
 _RETRIEVE = _abi.IOCTL_RETRIEVE_SESSION

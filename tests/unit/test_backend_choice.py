@@ -62,6 +62,14 @@ for w in seen:
 
 
 @needs_no_device
+def test_without_logging_configured_the_fallback_is_said_once():
+    done = _python("import liveupdate\nliveupdate.open().close()\nliveupdate.open().close()\n")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("no /dev/liveupdate on this kernel") == 1, done.stderr
+    assert "EmulatorFallbackWarning" in done.stderr
+
+
+@needs_no_device
 def test_the_warning_points_at_the_caller(fresh_process_state):
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")

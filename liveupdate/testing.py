@@ -202,8 +202,8 @@ class KexecHarness:
 
     ``stage`` is 1 before the kexec and 2 after; ``backend`` is "emulator" or
     "device"; ``emulator`` is the test's own :class:`liveupdate.Emulator`
-    (None on a device); ``state`` is a JSON-able dict that stage 2 finds as
-    stage 1 left it."""
+    (None on a device); ``state`` is a dict that stage 2 finds as stage 1
+    left it at ``kexec()``, encoded to JSON and decoded again."""
 
     def __init__(self, backend: str, stage: int, nodeid: str,
                  state: Optional[Dict[str, Any]] = None, emulator: Any = None) -> None:

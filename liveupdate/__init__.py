@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from . import errors
 from .device import DEFAULT_PATH, Device, open
-from .errors import BusyError, InvalidArgumentError, KernelPanic, LiveUpdateError, StaleHandleError
+from .errors import (BusyError, EmulatorFallbackWarning, InvalidArgumentError, KernelPanic, LiveUpdateError,
+                     StaleHandleError)
 from .session import Session
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "BusyError",
     "StaleHandleError",
     "KernelPanic",
+    "EmulatorFallbackWarning",
 ]
 __version__ = "0.1.0"
 

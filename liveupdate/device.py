@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import threading
 import time
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from . import _abi, _args, _port, errors
 from .session import Session, _Built
@@ -14,6 +16,14 @@ __all__ = ["open", "Device", "DEFAULT_PATH"]
 
 DEFAULT_PATH = "/dev/liveupdate"
 BACKENDS = ("auto", "device", "emulator", "service")
+#: The environment variable that picks the backend for ``backend="auto"``.
+BACKEND_ENV = "LIVEUPDATE_BACKEND"
+
+_log = logging.getLogger("liveupdate")
+# A library's logger stays silent until the program configures logging:
+# without this, logging's last-resort handler would print the fallback
+# message a second time, next to the warning.
+_log.addHandler(logging.NullHandler())
 
 _CREATE = _abi.IOCTL_CREATE_SESSION
 _RETRIEVE = _abi.IOCTL_RETRIEVE_SESSION
@@ -38,11 +48,18 @@ def _fast_name(name: Any) -> Optional[bytes]:
     return None
 
 
-_NO_DEVICE_HINT = (
+_NO_DEVICE = (
     "this kernel has no Live Update device: it needs Linux 7.x built with CONFIG_LIVEUPDATE "
-    "and booted with liveupdate=on; elsewhere use backend='emulator'"
+    "and booted with liveupdate=on"
 )
+_NO_DEVICE_HINT = _NO_DEVICE + "; elsewhere use backend='emulator'"
 _BUSY_HINT = "another process holds the device (the kernel allows one at a time); pass timeout=SECONDS to wait for it"
+_ENV_DEVICE_HINT = _NO_DEVICE + f"; {BACKEND_ENV}=device forbids falling back to the emulator"
+_FALLBACK_MESSAGE = (
+    "no {path} on this kernel: liveupdate.open() uses the in-process emulator, whose sessions "
+    "do not survive a real kexec; set " + BACKEND_ENV + "=device to fail instead, or pass "
+    "backend='emulator' to choose it knowingly"
+)
 
 
 class Device:
@@ -58,7 +75,8 @@ class Device:
         raise TypeError("use liveupdate.open() to open the device")
 
     @classmethod
-    def _open_port(cls, port: _port.Port, path: str = DEFAULT_PATH, timeout: float = 0) -> "Device":
+    def _open_port(cls, port: _port.Port, path: str = DEFAULT_PATH, timeout: float = 0,
+                   no_device_hint: str = _NO_DEVICE_HINT) -> "Device":
         """Open the device of any port, retrying EBUSY for ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         delay = 0.005
@@ -74,7 +92,7 @@ class Device:
                     time.sleep(min(delay, remaining))
                     delay = min(delay * 2, 0.1)
                     continue
-                raise _open_error(exc, path, timeout, port.kind) from None
+                raise _open_error(exc, path, timeout, port.kind, no_device_hint) from None
         self = object.__new__(cls)
         self._port = port
         self._ioctl = port.ioctl
@@ -191,7 +209,8 @@ class Device:
                 pass
 
 
-def _open_error(exc: OSError, path: str, timeout: float, kind: str) -> errors.LiveUpdateError:
+def _open_error(exc: OSError, path: str, timeout: float, kind: str,
+                no_device_hint: str = _NO_DEVICE_HINT) -> errors.LiveUpdateError:
     args: dict = {"path": path}
     if timeout:
         args["timeout"] = timeout
@@ -199,7 +218,7 @@ def _open_error(exc: OSError, path: str, timeout: float, kind: str) -> errors.Li
         hint = f"still held by another process after {timeout:g} s" if timeout else _BUSY_HINT
         return errors.make(errno.EBUSY, "open", hint, **args)
     if exc.errno == errno.ENOENT and path == DEFAULT_PATH and kind == "device":
-        return errors.make(errno.ENOENT, "open", _NO_DEVICE_HINT, **args)
+        return errors.make(errno.ENOENT, "open", no_device_hint, **args)
     return errors.wrap(exc, "open", **args)
 
 
@@ -211,15 +230,59 @@ def _emulator_port() -> _port.Port:
     return emulator.default().port
 
 
+_fallback_lock = threading.Lock()
+_fallback_told = False
+
+
+def _fallback_port(path: str) -> _port.Port:
+    """The in-process emulator, for ``backend="auto"`` without a device: it
+    says so once per process, since its sessions die with the process and a
+    daemon relying on them would lose its state at the real kexec."""
+    global _fallback_told
+    port = _emulator_port()
+    with _fallback_lock:
+        if not _fallback_told:
+            message = _FALLBACK_MESSAGE.format(path=path)
+            _log.warning("%s", message)
+            # user code -> open() -> _choose_port() -> _choose_backend() -> here
+            warnings.warn(message, errors.EmulatorFallbackWarning, stacklevel=5)
+            # Only once the warning is through: under an "error" filter every
+            # open() keeps failing instead of going quiet after the first.
+            _fallback_told = True
+    return port
+
+
 def _service_port(address: str) -> _port.Port:
     from .service import client
 
     return client.port_for(address)
 
 
-def _choose_port(path: str, backend: str, emulator: Optional[str]) -> _port.Port:
+def _env_backend() -> str:
+    chosen = os.environ.get(BACKEND_ENV, "").strip()
+    if not chosen:
+        return "auto"
+    if chosen not in BACKENDS:
+        raise errors.make(errno.EINVAL, "open", f"{BACKEND_ENV} must be one of {', '.join(BACKENDS)}",
+                          **{BACKEND_ENV: chosen})
+    return chosen
+
+
+def _choose_port(path: str, backend: str, emulator: Optional[str]) -> Tuple[_port.Port, str]:
+    """The port ``open()`` uses, and the hint for a missing device."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    if backend == "auto":
+        backend = _env_backend()
+        if backend == "device":
+            if emulator:
+                raise errors.make(errno.EINVAL, "open", f"{BACKEND_ENV}=device refuses the emulator service "
+                                  "given by emulator=", emulator=emulator)
+            return _port.DEVICE, _ENV_DEVICE_HINT
+    return _choose_backend(path, backend, emulator), _NO_DEVICE_HINT
+
+
+def _choose_backend(path: str, backend: str, emulator: Optional[str]) -> _port.Port:
     service = emulator or os.environ.get("LIVEUPDATE_EMULATOR") or None
     if backend == "device":
         return _port.DEVICE
@@ -237,7 +300,7 @@ def _choose_port(path: str, backend: str, emulator: Optional[str]) -> _port.Port
         return _port.DEVICE
     if service:
         return _service_port(service)
-    return _emulator_port()
+    return _fallback_port(path)
 
 
 def open(path: str = DEFAULT_PATH, *, backend: str = "auto", timeout: float = 0,
@@ -247,12 +310,24 @@ def open(path: str = DEFAULT_PATH, *, backend: str = "auto", timeout: float = 0,
     ``backend``: ``"device"`` (the kernel's ``path``), ``"emulator"`` (the
     process-wide in-process emulator, or the emulator service at
     ``emulator=SOCKET``), ``"service"`` (the service named by ``emulator`` or
-    ``$LIVEUPDATE_EMULATOR``) or ``"auto"``: an explicit ``emulator=`` first,
-    else the device when ``path`` exists, else the service named by
-    ``$LIVEUPDATE_EMULATOR``, else the in-process emulator.
+    ``$LIVEUPDATE_EMULATOR``) or ``"auto"``.
+
+    ``"auto"`` takes the choice from ``$LIVEUPDATE_BACKEND`` (one of the
+    four names) when it is set, else: an explicit ``emulator=`` first, then
+    the device when ``path`` exists, then the service named by
+    ``$LIVEUPDATE_EMULATOR``, and last the in-process emulator. That last
+    fallback warns, once per process, with
+    :class:`liveupdate.EmulatorFallbackWarning` and a WARNING on the
+    ``liveupdate`` logger: its sessions end with the process, so nothing
+    survives a real kexec. A daemon that must keep state across one runs with
+    ``LIVEUPDATE_BACKEND=device``: ``open()`` then fails (ENOENT) where there
+    is no device instead of falling back.
 
     ``timeout``: seconds to keep trying while another process holds the
     device (EBUSY), then fail.
 
-    Raises OSError: EBUSY (held elsewhere), ENOENT (no such device), EACCES."""
-    return Device._open_port(_choose_port(path, backend, emulator), path, timeout)
+    Raises OSError: EBUSY (held elsewhere), ENOENT (no such device), EACCES,
+    EINVAL (``$LIVEUPDATE_BACKEND`` is not a backend's name, or is
+    ``device`` while ``emulator=`` names a service)."""
+    port, no_device_hint = _choose_port(path, backend, emulator)
+    return Device._open_port(port, path, timeout, no_device_hint)

@@ -19,6 +19,22 @@ __all__ = [
     "BusyError",
     "StaleHandleError",
     "KernelPanic",
+    "EmulatorFallbackWarning",
+    # one per builtin OSError subclass, for the errnos Python maps to one
+    "PermissionLiveUpdateError",
+    "FileNotFoundLiveUpdateError",
+    "FileExistsLiveUpdateError",
+    "ProcessLookupLiveUpdateError",
+    "InterruptedLiveUpdateError",
+    "ChildProcessLiveUpdateError",
+    "BlockingIOLiveUpdateError",
+    "NotADirectoryLiveUpdateError",
+    "IsADirectoryLiveUpdateError",
+    "BrokenPipeLiveUpdateError",
+    "ConnectionAbortedLiveUpdateError",
+    "ConnectionResetLiveUpdateError",
+    "ConnectionRefusedLiveUpdateError",
+    "TimeoutLiveUpdateError",
     "error_class",
     "make",
     "wrap",
@@ -58,6 +74,94 @@ class KernelPanic(Exception):
     the real kernel would panic or disable live update at boot)."""
 
 
+class EmulatorFallbackWarning(UserWarning):
+    """``liveupdate.open()`` found no ``/dev/liveupdate`` and fell back to the
+    in-process emulator, whose sessions do not survive a real kexec.
+
+    Issued once per process (and logged at WARNING on the ``liveupdate``
+    logger). A daemon that must never run on the emulator sets
+    ``LIVEUPDATE_BACKEND=device`` (``open()`` then fails instead), or turns
+    the warning into an error with
+    ``warnings.simplefilter("error", liveupdate.EmulatorFallbackWarning)``
+    (in pytest: ``-W error::liveupdate.EmulatorFallbackWarning``; Python's
+    own ``-W`` cannot name it, as it runs before site-packages, where cffi
+    lives, can be imported)."""
+
+
+# The classes for errnos that Python maps to a builtin OSError subclass.
+# Written out, not made on demand, so that each is importable under the name
+# its traceback shows, which pickle (multiprocessing, concurrent.futures)
+# needs to rebuild it in another process.
+
+
+class PermissionLiveUpdateError(LiveUpdateError, PermissionError):
+    """EPERM, EACCES."""
+
+
+class FileNotFoundLiveUpdateError(LiveUpdateError, FileNotFoundError):
+    """ENOENT."""
+
+
+class FileExistsLiveUpdateError(LiveUpdateError, FileExistsError):
+    """EEXIST."""
+
+
+class ProcessLookupLiveUpdateError(LiveUpdateError, ProcessLookupError):
+    """ESRCH."""
+
+
+class InterruptedLiveUpdateError(LiveUpdateError, InterruptedError):
+    """EINTR."""
+
+
+class ChildProcessLiveUpdateError(LiveUpdateError, ChildProcessError):
+    """ECHILD."""
+
+
+class BlockingIOLiveUpdateError(LiveUpdateError, BlockingIOError):
+    """EAGAIN, EALREADY, EINPROGRESS."""
+
+
+class NotADirectoryLiveUpdateError(LiveUpdateError, NotADirectoryError):
+    """ENOTDIR."""
+
+
+class IsADirectoryLiveUpdateError(LiveUpdateError, IsADirectoryError):
+    """EISDIR."""
+
+
+class BrokenPipeLiveUpdateError(LiveUpdateError, BrokenPipeError):
+    """EPIPE, ESHUTDOWN."""
+
+
+class ConnectionAbortedLiveUpdateError(LiveUpdateError, ConnectionAbortedError):
+    """ECONNABORTED."""
+
+
+class ConnectionResetLiveUpdateError(LiveUpdateError, ConnectionResetError):
+    """ECONNRESET."""
+
+
+class ConnectionRefusedLiveUpdateError(LiveUpdateError, ConnectionRefusedError):
+    """ECONNREFUSED."""
+
+
+class TimeoutLiveUpdateError(LiveUpdateError, TimeoutError):
+    """ETIMEDOUT."""
+
+
+_BY_BUILTIN: Dict[type, Type[LiveUpdateError]] = {
+    base: cls
+    for cls in (
+        PermissionLiveUpdateError, FileNotFoundLiveUpdateError, FileExistsLiveUpdateError,
+        ProcessLookupLiveUpdateError, InterruptedLiveUpdateError, ChildProcessLiveUpdateError,
+        BlockingIOLiveUpdateError, NotADirectoryLiveUpdateError, IsADirectoryLiveUpdateError,
+        BrokenPipeLiveUpdateError, ConnectionAbortedLiveUpdateError, ConnectionResetLiveUpdateError,
+        ConnectionRefusedLiveUpdateError, TimeoutLiveUpdateError,
+    )
+    for base in cls.__bases__[1:]
+}
+
 _SPECIAL: Dict[int, Type[LiveUpdateError]] = {
     _errno.EINVAL: InvalidArgumentError,
     _errno.EBUSY: BusyError,
@@ -73,12 +177,18 @@ def error_class(err: int) -> Type[LiveUpdateError]:
     cls = _CACHE.get(err)
     if cls is None:
         builtin = type(OSError(err, ""))
-        if builtin is OSError:
-            cls = LiveUpdateError
-        else:
-            cls = type(builtin.__name__.replace("Error", "") + "LiveUpdateError", (LiveUpdateError, builtin), {})
-            cls.__module__ = __name__
+        cls = LiveUpdateError if builtin is OSError else _BY_BUILTIN.get(builtin) or _new_class(builtin)
         _CACHE[err] = cls
+    return cls
+
+
+def _new_class(builtin: type) -> Type[LiveUpdateError]:
+    # Only for a builtin subclass a future Python adds: made once and put in
+    # this module, so that it, too, is found by the name it shows.
+    name = builtin.__name__.replace("Error", "") + "LiveUpdateError"
+    cls = type(name, (LiveUpdateError, builtin), {"__module__": __name__, "__qualname__": name})
+    globals()[name] = cls
+    _BY_BUILTIN[builtin] = cls
     return cls
 
 

@@ -127,8 +127,9 @@ class Session:
         as a new close-on-exec fd that the caller owns. Retrieving a token
         again gives another fd of the same file. Only on an incoming session.
 
-        Raises OSError: ENOENT (no such token), EINVAL (an outgoing or
-        finished session), or the error of a first failed retrieve of that
+        Raises OSError: ENOENT (no such token; after :meth:`finish` there is
+        none left, since the kernel let go of every file), EINVAL (an
+        outgoing session), or the error of a first failed retrieve of that
         token, which the kernel repeats for every later attempt."""
         if type(token) is not int or not 0 <= token <= 0xFFFFFFFFFFFFFFFF:
             token = _args.token(token, "retrieve")
@@ -141,7 +142,9 @@ class Session:
 
     def finish(self) -> None:
         """Tell the kernel the session is restored: it lets go of every file
-        preserved in it, retrieved or not. Only on an incoming session.
+        preserved in it, retrieved or not, so a later :meth:`retrieve` gets
+        ENOENT; the fds already retrieved stay the caller's. The session
+        itself lives on until it is closed. Only on an incoming session.
 
         Raises OSError: EINVAL (an outgoing session), EBUSY (a file's handler
         cannot finish yet; the files stay preserved and finish may be tried

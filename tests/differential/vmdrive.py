@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -71,7 +70,10 @@ def run(entries: List[Dict[str, Any]], workdir: str, timeout: int = 420) -> VmRe
     argv = [sys.executable, VMTEST, "--kernel", kernel_image() or "", "--timeout", str(timeout),
             "--out", out, "--python", sys.executable,
             "--stage2", stage % "stage2", "--", stage % "stage1"]
-    proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout + 60)
+    # The VM tier's runner: it echoes vmtest's progress lines as the guest goes.
+    from vm.conftest import run_vmtest
+
+    proc = run_vmtest(argv, timeout=timeout + 60)
     result = VmResult(proc.returncode, proc.stdout.decode("utf-8", "replace"), out=out)
     result.device = _read_lines(os.path.join(out, "device.jsonl"))
     result.emulator = _read_lines(os.path.join(out, "emulator.jsonl"))

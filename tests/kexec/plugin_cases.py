@@ -20,6 +20,12 @@ EXPECTED = {
     "test_dropped_session_does_not_cross": ("passed", "passed", "passed"),
     "test_kexec_only_once": ("passed", "passed", "passed"),
     "test_without_the_fixture": ("passed", "passed", None),
+    "test_unkept_session_does_not_cross": ("passed", "passed", "passed"),
+    "test_state_crosses_as_json": ("passed", "passed", "passed"),
+    "test_state_json_cannot_carry_fails_at_kexec": ("failed", "failed", "skipped"),
+    "test_keep_refuses_what_it_cannot_close": ("passed", "passed", "skipped"),
+    "test_cleanup_goes_past_a_failing_close": ("failed", "passed", "skipped"),
+    "test_the_session_after_the_failing_close_was_closed": ("passed", "skipped", None),
 }
 
 
@@ -75,8 +81,12 @@ def test_dropped_session_does_not_cross(liveupdate_kexec):
     if lk.stage == 1:
         lk.open().create_session("plugin-dropped").close()
         lk.kexec()
+    _did_not_cross(lk, "plugin-dropped")
+
+
+def _did_not_cross(lk, name):
     with pytest.raises(OSError) as info:
-        lk.open().retrieve_session("plugin-dropped")
+        lk.open().retrieve_session(name)
     assert info.value.errno == errno.ENOENT
 
 
@@ -91,3 +101,59 @@ def test_kexec_only_once(liveupdate_kexec):
 
 def test_without_the_fixture():
     assert os.environ.get("LIVEUPDATE_STAGE", "1") == "1"
+
+
+def test_unkept_session_does_not_cross(liveupdate_kexec):
+    # Still referenced, preserving a file, but not kept: a real kexec ends
+    # stage 1's process, so it is gone, and the emulator agrees.
+    lk = liveupdate_kexec
+    if lk.stage == 1:
+        session = lk.open().create_session("plugin-unkept")
+        memfd = lk.keep(os.memfd_create("plugin-unkept"))
+        session.preserve(memfd, 1)
+        lk.kexec()
+    _did_not_cross(lk, "plugin-unkept")
+
+
+def test_state_crosses_as_json(liveupdate_kexec):
+    lk = liveupdate_kexec
+    if lk.stage == 1:
+        lk.state.update({"pair": (1, 2), 3: "three", "nested": {"ok": [True, None, 1.5]}})
+        lk.kexec()
+    assert lk.state == {"pair": [1, 2], "3": "three", "nested": {"ok": [True, None, 1.5]}}
+
+
+def test_state_json_cannot_carry_fails_at_kexec(liveupdate_kexec):
+    lk = liveupdate_kexec
+    lk.state["handle"] = object()
+    lk.kexec()
+    raise AssertionError("kexec() let a state through that JSON cannot carry")
+
+
+class _CloseRaises:
+    def close(self):
+        raise RuntimeError("deliberate close failure")
+
+
+_kept_after_the_failing_close = []
+
+
+def test_keep_refuses_what_it_cannot_close(liveupdate_kexec):
+    with pytest.raises(TypeError) as info:
+        liveupdate_kexec.keep(object())
+    assert "lk.keep() keeps a session, an fd (an int) or an object with close(), not <object object" in str(info.value)
+
+
+def test_cleanup_goes_past_a_failing_close(liveupdate_kexec):
+    # On the emulator the kept objects are closed at the end of the test:
+    # the RuntimeError fails it (once), and the session after it is still
+    # closed. On a real kernel they are held until the kexec.
+    lk = liveupdate_kexec
+    lk.keep(_CloseRaises())
+    _kept_after_the_failing_close.append(lk.keep(lk.open().create_session("plugin-bad-close")))
+
+
+def test_the_session_after_the_failing_close_was_closed():
+    if os.environ.get("LIVEUPDATE_STAGE"):
+        pytest.skip("on a real kernel kept objects stay open until the kexec")
+    assert [s.closed for s in _kept_after_the_failing_close] == [True]

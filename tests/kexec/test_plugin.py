@@ -31,3 +31,10 @@ def test_plugin_cases_on_the_emulator(tmp_path) -> None:
     assert proc.returncode == 1, output  # the deliberate failures
     expected = {name: kinds[0] for name, kinds in plugin_cases.EXPECTED.items()}
     assert plugin_cases.junit_outcomes(junit) == expected, output
+    # The deliberate failures fail for the right reason, each reported once.
+    assert ("lk.state crosses the kexec as JSON, as it must on a real kernel, and cannot here: "
+            "lk.state['handle'] = <object object at ") in output, output
+    reports = [line for line in output.splitlines() if "test_cleanup_goes_past_a_failing_close" in line
+               and line.startswith(("FAILED", "ERROR"))]
+    assert len(reports) == 1, output
+    assert reports[0].startswith("ERROR test_cases.py::test_cleanup_goes_past_a_failing_close - RuntimeError"), output

@@ -1,7 +1,12 @@
 """errno -> exception mapping: one place, never losing the errno."""
 from __future__ import annotations
 
+import concurrent.futures
 import errno
+import importlib
+import pickle
+import subprocess
+import sys
 
 import pytest
 
@@ -68,3 +73,67 @@ def test_wrap_refuses_to_invent_an_errno():
 
 def test_classes_are_cached():
     assert errors.error_class(errno.EEXIST) is errors.error_class(errno.EEXIST)
+
+
+# -- errors travel: importable by their shown name, picklable -----------------
+
+ALL_ERRNOS = sorted(errno.errorcode)
+
+
+@pytest.mark.parametrize("err", ALL_ERRNOS)
+def test_each_class_is_importable_by_the_name_its_traceback_shows(err):
+    cls = errors.error_class(err)
+    module = importlib.import_module(cls.__module__)
+    assert getattr(module, cls.__qualname__) is cls
+    assert cls.__module__ == "liveupdate.errors"
+
+
+def _same_error(a: OSError, b: OSError) -> None:
+    assert type(a) is type(b)
+    assert (a.errno, a.strerror, str(a)) == (b.errno, b.strerror, str(b))
+    assert (a.operation, a.arguments, a.detail) == (b.operation, b.arguments, b.detail)
+
+
+@pytest.mark.parametrize("err", ALL_ERRNOS)
+def test_every_error_survives_pickle(err):
+    exc = errors.make(err, "preserve", "why it failed", session="cache", fd=5, token=2**64 - 1)
+    _same_error(pickle.loads(pickle.dumps(exc)), exc)
+
+
+def test_a_fresh_interpreter_unpickles_every_class():
+    # A process that never built an error itself, as the parent of a
+    # multiprocessing pool is: the classes must exist at import.
+    sample = [errors.make(err, "retrieve", None, token=err) for err in ALL_ERRNOS]
+    code = ("import pickle, sys\n"
+            "for exc in pickle.loads(sys.stdin.buffer.read()):\n"
+            "    print(type(exc).__module__, type(exc).__qualname__, exc.errno, exc.operation, exc.arguments)\n")
+    proc = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(sample),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, check=False)
+    assert proc.returncode == 0, proc.stderr.decode()
+    expected = ["%s %s %d retrieve {'token': %d}" % (type(e).__module__, type(e).__qualname__, e.errno, e.errno)
+                for e in sample]
+    assert proc.stdout.decode().splitlines() == expected
+
+
+def _worker_error(name: str) -> OSError:
+    return errors.make(errno.EEXIST, "create_session", "a session of that name exists", name=name)
+
+
+def _fail_in_worker(name: str) -> None:
+    raise _worker_error(name)
+
+
+def test_an_error_raised_in_a_worker_process_arrives_intact():
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(_fail_in_worker, "cache")
+        with pytest.raises(errors.FileExistsLiveUpdateError) as info:
+            future.result(timeout=60)
+    _same_error(info.value, _worker_error("cache"))
+
+
+def test_the_special_classes_and_kernel_panic_survive_pickle():
+    for exc in (errors.make(errno.EINVAL, "finish"), errors.make(errno.EBUSY, "open", path="/dev/liveupdate"),
+                errors.make(errno.ESTALE, "retrieve", token=1)):
+        _same_error(pickle.loads(pickle.dumps(exc)), exc)
+    panic = pickle.loads(pickle.dumps(errors.KernelPanic("bad root")))
+    assert type(panic) is errors.KernelPanic and str(panic) == "bad root"

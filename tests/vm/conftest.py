@@ -8,13 +8,21 @@ set) they skip: a guest does not boot guests.
 
 Each test may record one line for the tier's summary (``guest_summary``);
 the lines are printed at the end of the run, where CI logs show them.
+
+While a guest runs, :func:`run_vmtest` prints vmtest's progress lines
+(booting, stage 1, kexec, stage 2, a heartbeat every 30 s, each with the
+seconds elapsed) to the terminal as they come, past pytest's capture: the
+tier takes minutes, and a silent terminal looks like a hang.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -34,6 +42,60 @@ OUTER_MARGIN_S = 60
 GUEST_PYTEST_ENV = ["PYTEST_DISABLE_PLUGIN_AUTOLOAD=1"]
 
 _summary: List[str] = []
+_config: Optional[pytest.Config] = None
+# vmtest's own progress lines: "vmtest: [  12.3s] stage 1 running".
+_PROGRESS = re.compile(r"^vmtest: \[\s*\d+(\.\d+)?s\] ")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global _config
+    _config = config
+
+
+def progress(line: str) -> None:
+    """Write ``line`` to the terminal now, even from inside a test."""
+    config = _config
+    reporter = config.pluginmanager.get_plugin("terminalreporter") if config else None
+    if reporter is None:
+        print(line, file=sys.stderr, flush=True)
+        return
+    capture = config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        writer = config.get_terminal_writer()
+        if getattr(writer, "width_of_current_line", 0):  # after -q's progress dots
+            writer.line()
+        writer.line(line)
+        writer.flush()
+
+
+def run_vmtest(argv: Sequence[str], timeout: float) -> "subprocess.CompletedProcess[bytes]":
+    """``subprocess.run(argv, ...)`` for a ``tools/vmtest`` command line:
+    stdout and stderr together, killed after ``timeout`` seconds
+    (TimeoutExpired), and each progress line echoed as it comes, labelled
+    with the test that runs it."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0].rsplit("/", 1)[-1] or "tier"
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    chunks: List[bytes] = []
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in iter(proc.stdout.readline, b""):
+            chunks.append(raw)
+            text = raw.decode("utf-8", "replace").rstrip()
+            if _PROGRESS.match(text):
+                progress("VM %s: %s" % (test, text[len("vmtest: "):]))
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        reader.join(5)
+        raise subprocess.TimeoutExpired(list(argv), timeout, output=b"".join(chunks)) from None
+    reader.join()
+    return subprocess.CompletedProcess(list(argv), proc.returncode, b"".join(chunks))
 
 
 def kernel_image() -> Optional[str]:
@@ -150,8 +212,7 @@ def vm_runner(directory: str) -> Callable[..., VmRun]:
         for pair in env:
             argv += ["--env", pair]
         argv += ["--", command]
-        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              timeout=timeout + OUTER_MARGIN_S)
+        proc = run_vmtest(argv, timeout=timeout + OUTER_MARGIN_S)
         return VmRun(proc.returncode, proc.stdout.decode("utf-8", "replace"), out, argv)
 
     return run

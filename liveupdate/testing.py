@@ -48,6 +48,11 @@ a test that passes there passes on a kernel:
 - every session a test keeps must have a name no other test uses, because all
   of them cross the same kexec together.
 
+A daemon that systemd runs asks for ``liveupdate_systemd`` instead: an
+emulated service manager that runs the daemon from its own unit file and
+plays systemd's part of ``systemctl kexec`` over an emulated kernel, on any
+machine (see :mod:`liveupdate.emulator.systemd.fixture`).
+
 Load the plugin with ``-p liveupdate.testing`` or ``pytest_plugins =
 ["liveupdate.testing"]`` in a top-level conftest.py.
 
@@ -75,7 +80,7 @@ from . import _atomic, _port, errors
 from .device import Device
 from .session import Session
 
-__all__ = ["KexecHarness", "KexecRequested", "liveupdate_kexec"]
+__all__ = ["KexecHarness", "KexecRequested", "liveupdate_kexec", "liveupdate_systemd"]
 
 FIXTURE = "liveupdate_kexec"
 STATE_FILE = "liveupdate-kexec.json"
@@ -340,6 +345,20 @@ def liveupdate_kexec(request: pytest.FixtureRequest) -> Any:
     request.node._liveupdate_kexec = harness
     yield harness
     harness._teardown()
+
+
+@pytest.fixture
+def liveupdate_systemd(tmp_path: Any) -> Any:
+    """An emulated systemd over a fresh emulated kernel, for one test: load
+    units (``unit()``), ``start()``, ``restart()``, ``kexec()``, read
+    ``fd_store()`` (see :mod:`liveupdate.emulator.systemd.fixture`)."""
+    from .emulator.systemd.fixture import SystemdHarness
+
+    harness = SystemdHarness(str(tmp_path / "systemd"))
+    try:
+        yield harness
+    finally:
+        harness.close()
 
 
 @pytest.hookimpl(hookwrapper=True)

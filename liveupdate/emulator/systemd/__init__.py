@@ -7,7 +7,7 @@ One module per part of systemd that takes part: :mod:`.unit_file`
 :mod:`.notify` (the notify socket), :mod:`.service` (starting a service,
 ``LUOSession=``), :mod:`.luo` (src/core/luo.c and src/shared/luo-util.c:
 the ``systemd`` session), :mod:`.manager` (the whole), :mod:`.fixture`
-(the ``liveupdate_systemd`` pytest fixture).
+(what the ``liveupdate_systemd`` fixture of :mod:`liveupdate.testing` gives a test).
 """
 from __future__ import annotations
 

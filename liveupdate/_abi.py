@@ -1,50 +1,74 @@
-"""The uapi as data: struct layouts, ioctl numbers and packers (private).
+"""The uapi as data: ioctl numbers, struct layouts, packers and the command
+table (private).
 
-The C declarations live in ``cdefs/liveupdate.h`` and are parsed by cffi in
-ABI mode, so nothing is compiled at install time. The hot path packs its
-arguments with :mod:`struct` (cheaper per call than filling cffi objects);
-the formats below are checked against cffi's view of the same structs at
-import, so the two can never drift apart silently.
+The C declarations live in ``cdefs/liveupdate.h``. Importing the package
+reads the header's constants with a few string operations (cffi's C parser
+took most of the import time, and a daemon's blackout after a kexec
+includes its own start); the hot path packs its arguments with
+:mod:`struct`. cffi itself loads only where it is really used (the kexec
+syscalls, ``pidfd_getfd``) and in the tests, which check every packer and
+the constants read here against cffi's view of the same header
+(:func:`check_layouts`), so the two can never drift apart silently.
+
+:data:`COMMAND_TABLE` is the one statement of the ioctl contract, a row per
+command as the kernel's ``IOCTL_OP`` tables have it (luo_core.c for the
+device, luo_session.c for sessions): its number, its struct, the smallest
+size the kernel takes (``offsetofend`` of the last field it needs), which
+file it is for, which kinds of session accept it, and whether its result
+carries a new fd (and where). The binding, the emulator and the service
+read their rules from it; a new ioctl is one row here (and its handler).
 """
 from __future__ import annotations
 
+import os
 import struct
-from pathlib import Path
 
-import cffi
+__all__ = [
+    "COMMAND_TABLE",
+    "Command",
+    "BY_NUMBER",
+    "COMMANDS",
+    "check_layouts",
+    "cdefs_path",
+    "load_cdefs",
+]
 
-_HERE = Path(__file__).resolve().parent
+_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def cdefs_path(filename: str) -> Path:
+def cdefs_path(filename: str) -> str:
     """Where a header of ``cdefs/`` is: inside the installed package, or at
     the top of a source checkout (editable installs, running from the tree)."""
-    for candidate in (_HERE / "cdefs" / filename, _HERE.parent / "cdefs" / filename):
-        if candidate.is_file():
+    for candidate in (os.path.join(_HERE, "cdefs", filename), os.path.join(os.path.dirname(_HERE), "cdefs", filename)):
+        if os.path.isfile(candidate):
             return candidate
     raise ImportError(f"liveupdate: C declarations {filename!r} not found next to the package")
 
 
-ffi = cffi.FFI()
-ffi.cdef(cdefs_path("liveupdate.h").read_text(encoding="utf-8"))
+def _read(filename: str) -> str:
+    with open(cdefs_path(filename), encoding="utf-8") as f:
+        return f.read()
 
 
-def load_cdefs(filename: str) -> None:
-    """Add the declarations of another ``cdefs/`` header to :data:`ffi`.
+def constants(text: str) -> dict:
+    """``#define NAME NUMBER`` lines and ``NAME = NUMBER,`` enum members of
+    a cdefs header, by name (what cffi's ``lib.NAME`` gives)."""
+    found = {}
+    for line in text.splitlines():
+        words = line.replace("=", " = ").replace(",", " ").split()
+        if len(words) == 3 and words[0] == "#define" or len(words) == 3 and words[1] == "=":
+            name, value = (words[1], words[2]) if words[0] == "#define" else (words[0], words[2])
+            try:
+                found[name] = int(value, 0)
+            except ValueError:
+                pass
+    return found
 
-    Used by the modules that need more of the kernel's ABI (kexec, reboot)
-    so that the whole project shares one cffi layer."""
-    if filename not in _loaded:
-        ffi.cdef(cdefs_path(filename).read_text(encoding="utf-8"))
-        _loaded.add(filename)
 
+_C = constants(_read("liveupdate.h"))
 
-_loaded = {"liveupdate.h"}
-
-_lib = ffi.dlopen(None)
-
-IOCTL_TYPE: int = _lib.LIVEUPDATE_IOCTL_TYPE
-NAME_LENGTH: int = _lib.LIVEUPDATE_SESSION_NAME_LENGTH
+IOCTL_TYPE: int = _C["LIVEUPDATE_IOCTL_TYPE"]
+NAME_LENGTH: int = _C["LIVEUPDATE_SESSION_NAME_LENGTH"]
 #: Longest name a caller can pass: one byte is the terminating NUL.
 NAME_MAX: int = NAME_LENGTH - 1
 TOKEN_MAX: int = 2**64 - 1
@@ -56,25 +80,8 @@ def _io(nr: int) -> int:
     return (IOCTL_TYPE << 8) | nr
 
 
-IOCTL_CREATE_SESSION = _io(_lib.LIVEUPDATE_CMD_CREATE_SESSION)
-IOCTL_RETRIEVE_SESSION = _io(_lib.LIVEUPDATE_CMD_RETRIEVE_SESSION)
-SESSION_PRESERVE_FD = _io(_lib.LIVEUPDATE_CMD_SESSION_PRESERVE_FD)
-SESSION_RETRIEVE_FD = _io(_lib.LIVEUPDATE_CMD_SESSION_RETRIEVE_FD)
-SESSION_FINISH = _io(_lib.LIVEUPDATE_CMD_SESSION_FINISH)
-SESSION_GET_NAME = _io(_lib.LIVEUPDATE_CMD_SESSION_GET_NAME)
-
-#: Every command, by the name the uapi gives it.
-COMMANDS = {
-    "LIVEUPDATE_IOCTL_CREATE_SESSION": IOCTL_CREATE_SESSION,
-    "LIVEUPDATE_IOCTL_RETRIEVE_SESSION": IOCTL_RETRIEVE_SESSION,
-    "LIVEUPDATE_SESSION_PRESERVE_FD": SESSION_PRESERVE_FD,
-    "LIVEUPDATE_SESSION_RETRIEVE_FD": SESSION_RETRIEVE_FD,
-    "LIVEUPDATE_SESSION_FINISH": SESSION_FINISH,
-    "LIVEUPDATE_SESSION_GET_NAME": SESSION_GET_NAME,
-}
-
 # Native byte order, standard sizes, no implicit padding: the offsets are
-# spelled out and verified against cffi below.
+# spelled out (LAYOUTS) and checked against cffi by check_layouts().
 CREATE_SESSION = struct.Struct(f"=Ii{NAME_LENGTH}s")
 RETRIEVE_SESSION = CREATE_SESSION
 PRESERVE_FD = struct.Struct("=IiQ")
@@ -82,18 +89,117 @@ RETRIEVE_FD = PRESERVE_FD
 FINISH = struct.Struct("=II")
 GET_NAME = struct.Struct(f"=II{NAME_LENGTH}s")
 
-#: struct name -> (packer, [(field, offset)]) for the layout self-check.
-LAYOUTS = {
-    "struct liveupdate_ioctl_create_session": (CREATE_SESSION, [("size", 0), ("fd", 4), ("name", 8)]),
-    "struct liveupdate_ioctl_retrieve_session": (RETRIEVE_SESSION, [("size", 0), ("fd", 4), ("name", 8)]),
-    "struct liveupdate_session_preserve_fd": (PRESERVE_FD, [("size", 0), ("fd", 4), ("token", 8)]),
-    "struct liveupdate_session_retrieve_fd": (RETRIEVE_FD, [("size", 0), ("fd", 4), ("token", 8)]),
-    "struct liveupdate_session_finish": (FINISH, [("size", 0), ("reserved", 4)]),
-    "struct liveupdate_session_get_name": (GET_NAME, [("size", 0), ("reserved", 4), ("name", 8)]),
-}
+
+class Command:
+    """One row of the ioctl contract (see the module)."""
+
+    __slots__ = ("name", "number", "ctype", "packer", "fields", "min_size", "target", "states", "fd_result")
+
+    def __init__(self, name: str, nr_name: str, ctype: str, packer: struct.Struct, fields: tuple,
+                 last: str, target: str, states: tuple, fd_result: "int | None") -> None:
+        self.name = name
+        self.number = _io(_C[nr_name])
+        self.ctype = ctype
+        self.packer = packer
+        #: (field, offset, size) in order; the packer's layout.
+        self.fields = fields
+        offset, size = next((o, s) for f, o, s in fields if f == last)
+        self.min_size = offset + size
+        #: "device" (/dev/liveupdate) or "session" (a session fd)
+        self.target = target
+        #: the kinds of session that accept it: ("outgoing",), ("incoming",) or both
+        self.states = states
+        #: offset of the new fd in the result, or None when there is none
+        self.fd_result = fd_result
+
+    @property
+    def size(self) -> int:
+        return self.packer.size
+
+    def __repr__(self) -> str:
+        return f"<Command {self.name} {self.number:#x}>"
 
 
-def _check_layouts() -> None:
+_SESSION_FIELDS = (("size", 0, 4), ("fd", 4, 4), ("name", 8, NAME_LENGTH))
+_FD_TOKEN_FIELDS = (("size", 0, 4), ("fd", 4, 4), ("token", 8, 8))
+_ANY = ("outgoing", "incoming")
+
+#: The contract, a row per ioctl, in the uapi's order.
+COMMAND_TABLE = (
+    Command("LIVEUPDATE_IOCTL_CREATE_SESSION", "LIVEUPDATE_CMD_CREATE_SESSION",
+            "struct liveupdate_ioctl_create_session", CREATE_SESSION, _SESSION_FIELDS, "name", "device", (), 4),
+    Command("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", "LIVEUPDATE_CMD_RETRIEVE_SESSION",
+            "struct liveupdate_ioctl_retrieve_session", RETRIEVE_SESSION, _SESSION_FIELDS, "name", "device", (), 4),
+    Command("LIVEUPDATE_SESSION_PRESERVE_FD", "LIVEUPDATE_CMD_SESSION_PRESERVE_FD",
+            "struct liveupdate_session_preserve_fd", PRESERVE_FD, _FD_TOKEN_FIELDS, "token", "session",
+            ("outgoing",), None),
+    Command("LIVEUPDATE_SESSION_RETRIEVE_FD", "LIVEUPDATE_CMD_SESSION_RETRIEVE_FD",
+            "struct liveupdate_session_retrieve_fd", RETRIEVE_FD, _FD_TOKEN_FIELDS, "token", "session",
+            ("incoming",), 4),
+    Command("LIVEUPDATE_SESSION_FINISH", "LIVEUPDATE_CMD_SESSION_FINISH",
+            "struct liveupdate_session_finish", FINISH, (("size", 0, 4), ("reserved", 4, 4)), "reserved",
+            "session", ("incoming",), None),
+    Command("LIVEUPDATE_SESSION_GET_NAME", "LIVEUPDATE_CMD_SESSION_GET_NAME",
+            "struct liveupdate_session_get_name", GET_NAME,
+            (("size", 0, 4), ("reserved", 4, 4), ("name", 8, NAME_LENGTH)), "name", "session", _ANY, None),
+)
+
+#: ioctl number -> its row.
+BY_NUMBER = {command.number: command for command in COMMAND_TABLE}
+#: Every command's number, by the name the uapi gives it.
+COMMANDS = {command.name: command.number for command in COMMAND_TABLE}
+
+IOCTL_CREATE_SESSION = COMMANDS["LIVEUPDATE_IOCTL_CREATE_SESSION"]
+IOCTL_RETRIEVE_SESSION = COMMANDS["LIVEUPDATE_IOCTL_RETRIEVE_SESSION"]
+SESSION_PRESERVE_FD = COMMANDS["LIVEUPDATE_SESSION_PRESERVE_FD"]
+SESSION_RETRIEVE_FD = COMMANDS["LIVEUPDATE_SESSION_RETRIEVE_FD"]
+SESSION_FINISH = COMMANDS["LIVEUPDATE_SESSION_FINISH"]
+SESSION_GET_NAME = COMMANDS["LIVEUPDATE_SESSION_GET_NAME"]
+
+#: struct name -> (packer, [(field, offset)]) for the layout check.
+LAYOUTS = {c.ctype: (c.packer, [(f, o) for f, o, _ in c.fields]) for c in COMMAND_TABLE}
+
+
+# -- cffi, for what needs it ---------------------------------------------------
+
+_ffi = None
+_loaded = set()
+
+
+def _cffi():
+    """The project's one cffi layer, made on first use, with the layout
+    check run against it."""
+    global _ffi
+    if _ffi is None:
+        import cffi
+
+        ffi = cffi.FFI()
+        ffi.cdef(_read("liveupdate.h"))
+        _loaded.add("liveupdate.h")
+        check_layouts(ffi)
+        _ffi = ffi
+    return _ffi
+
+
+def load_cdefs(filename: str) -> None:
+    """Add the declarations of another ``cdefs/`` header to :data:`ffi`.
+
+    Used by the modules that need more of the kernel's ABI (kexec, reboot)
+    so that the whole project shares one cffi layer."""
+    ffi = _cffi()
+    if filename not in _loaded:
+        ffi.cdef(_read(filename))
+        _loaded.add(filename)
+
+
+def check_layouts(ffi=None) -> None:
+    """Check every packer, offset and constant of this module against
+    cffi's parse of the header. Raises ImportError on a mismatch."""
+    ffi = ffi or _cffi()
+    lib = ffi.dlopen(None)
+    for name, value in _C.items():
+        if getattr(lib, name) != value:
+            raise ImportError(f"liveupdate: {name} is {getattr(lib, name)} in cdefs, {value} as read here")
     for ctype, (packer, fields) in LAYOUTS.items():
         if ffi.sizeof(ctype) != packer.size:
             raise ImportError(f"liveupdate: {ctype} is {ffi.sizeof(ctype)} bytes in cdefs, {packer.size} in the packer")
@@ -102,4 +208,8 @@ def _check_layouts() -> None:
                 raise ImportError(f"liveupdate: {ctype}.{field} is at {ffi.offsetof(ctype, field)}, packer says {offset}")
 
 
-_check_layouts()
+def __getattr__(name: str):
+    # ``_abi.ffi`` for the modules (and tests) that use cffi: made lazily.
+    if name == "ffi":
+        return _cffi()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,11 +7,13 @@ argument" from the kernel. Wrong *types* are TypeErrors, as in Python.
 from __future__ import annotations
 
 import errno
-from typing import Any, Union
-
 from . import _abi, errors
 
-Name = Union[str, bytes]
+TYPE_CHECKING = False  # typing is for annotations only (see errors.py)
+if TYPE_CHECKING:
+    from typing import Any, Union
+
+    Name = Union[str, bytes]
 
 _S32_MAX = 2**31 - 1
 

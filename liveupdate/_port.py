@@ -22,24 +22,28 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-from typing import Callable, List, Optional
-
-try:
-    from typing import Protocol
-except ImportError:  # Python < 3.8 has no Protocol; the project needs 3.9+
-    Protocol = object  # type: ignore[assignment,misc]
-
 __all__ = ["Port", "DevicePort", "DEVICE", "register_recognizer", "recognize", "fd_link"]
 
+TYPE_CHECKING = False  # typing is for annotations only (see errors.py)
+if TYPE_CHECKING:
+    from typing import Callable, List, Optional, Protocol
 
-class Port(Protocol):
-    kind: str
+    class Port(Protocol):
+        """What the module doc says a port is, for type checkers."""
 
-    def open_device(self, path: str) -> int: ...
+        kind: str
 
-    def ioctl(self, fd: int, cmd: int, arg: bytes) -> bytes: ...
+        def open_device(self, path: str) -> int: ...
 
-    def close(self, fd: int) -> None: ...
+        def ioctl(self, fd: int, cmd: int, arg: bytes) -> bytes: ...
+
+        def close(self, fd: int) -> None: ...
+
+    Recognizer = Callable[[int, str], Optional[Port]]
+else:
+    class Port:
+        """The port contract (see the module doc). At run time this is only a
+        name: ports are duck-typed, and checkers see the Protocol."""
 
 
 class DevicePort:
@@ -63,8 +67,7 @@ DEVICE = DevicePort()
 #: What the kernel names a session's anonymous inode (see /proc/self/fd).
 KERNEL_SESSION_LINK = "anon_inode:[luo_session]"
 
-Recognizer = Callable[[int, str], Optional[Port]]
-_recognizers: List[Recognizer] = []
+_recognizers: "List[Recognizer]" = []
 
 
 def register_recognizer(fn: Recognizer) -> Recognizer:

@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import errno
-import logging
 import os
-import threading
+import _thread
 import time
 import warnings
-from typing import Any, Optional, Tuple
+# Typing names are for annotations only (strings, under the __future__
+# import): importing typing would cost every program's start (it pulls in
+# re, enum, functools ...), which a daemon's blackout after a kexec includes.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional, Tuple
 
 from . import _abi, _args, _port, errors
 from .session import Session, _Built
@@ -19,11 +23,20 @@ BACKENDS = ("auto", "device", "emulator", "service")
 #: The environment variable that picks the backend for ``backend="auto"``.
 BACKEND_ENV = "LIVEUPDATE_BACKEND"
 
-_log = logging.getLogger("liveupdate")
-# A library's logger stays silent until the program configures logging:
-# without this, logging's last-resort handler would print the fallback
-# message a second time, next to the warning.
-_log.addHandler(logging.NullHandler())
+
+def _logger() -> Any:
+    """The ``liveupdate`` logger, made on first use: logging costs a daemon's
+    start more than the rest of the package, and only the fallback needs it.
+    A library's logger stays silent until the program configures logging:
+    without the NullHandler, logging's last-resort handler would print the
+    fallback message a second time, next to the warning."""
+    import logging
+
+    log = logging.getLogger("liveupdate")
+    if not any(isinstance(h, logging.NullHandler) for h in log.handlers):
+        log.addHandler(logging.NullHandler())
+    return log
+
 
 _CREATE = _abi.IOCTL_CREATE_SESSION
 _RETRIEVE = _abi.IOCTL_RETRIEVE_SESSION
@@ -230,8 +243,10 @@ def _emulator_port() -> _port.Port:
     return emulator.default().port
 
 
-_fallback_lock = threading.Lock()
 _fallback_told = False
+# _thread, not threading: the lock is all that is needed, and threading
+# pulls in functools and collections at every start.
+_fallback_lock = _thread.allocate_lock()
 
 
 def _fallback_port(path: str) -> _port.Port:
@@ -243,7 +258,7 @@ def _fallback_port(path: str) -> _port.Port:
     with _fallback_lock:
         if not _fallback_told:
             message = _FALLBACK_MESSAGE.format(path=path)
-            _log.warning("%s", message)
+            _logger().warning("%s", message)
             # user code -> open() -> _choose_port() -> _choose_backend() -> here
             warnings.warn(message, errors.EmulatorFallbackWarning, stacklevel=5)
             # Only once the warning is through: under an "error" filter every

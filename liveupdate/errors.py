@@ -11,7 +11,12 @@ from __future__ import annotations
 
 import errno as _errno
 import os
-from typing import Any, Dict, Optional, Type
+# Typing names are for annotations only (strings, under the __future__
+# import): importing typing would cost every program's start (it pulls in
+# re, enum, functools ...), which a daemon's blackout after a kexec includes.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Dict, Optional, Type
 
 __all__ = [
     "LiveUpdateError",

@@ -4,7 +4,12 @@ from __future__ import annotations
 import errno
 import struct
 import warnings
-from typing import Any, Optional
+# Typing names are for annotations only (strings, under the __future__
+# import): importing typing would cost every program's start (it pulls in
+# re, enum, functools ...), which a daemon's blackout after a kexec includes.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, Optional
 
 from . import _abi, _args, _port, errors
 

@@ -91,6 +91,55 @@ def test_packers_put_fields_where_cffi_does():
 
 
 def test_cdefs_header_is_shipped_next_to_the_code():
-    assert _abi.cdefs_path("liveupdate.h").is_file()
+    import os
+
+    assert os.path.isfile(_abi.cdefs_path("liveupdate.h"))
     with pytest.raises(ImportError):
         _abi.cdefs_path("no-such-header.h")
+
+
+def test_what_import_reads_of_the_header_is_what_cffi_parses():
+    # check_layouts() compares every constant read at import without cffi
+    # (the numbers, the name length) and every packer with cffi's view.
+    _abi.check_layouts()
+    lib = ffi.dlopen(None)
+    assert _abi.IOCTL_TYPE == lib.LIVEUPDATE_IOCTL_TYPE
+    assert _abi.NAME_LENGTH == lib.LIVEUPDATE_SESSION_NAME_LENGTH
+
+
+def test_check_layouts_catches_a_drifted_packer(monkeypatch):
+    import struct
+
+    monkeypatch.setitem(_abi.LAYOUTS, "struct liveupdate_session_finish", (struct.Struct("=III"), []))
+    with pytest.raises(ImportError, match="struct liveupdate_session_finish is 8 bytes in cdefs, 12"):
+        _abi.check_layouts()
+
+
+@pytest.mark.parametrize("command", _abi.COMMAND_TABLE, ids=lambda c: c.name)
+def test_the_command_table_agrees_with_cffi(command):
+    assert ffi.sizeof(command.ctype) == command.size
+    for field, offset, size in command.fields:
+        assert ffi.offsetof(command.ctype, field) == offset
+        assert ffi.sizeof(ffi.typeof(command.ctype).fields[[f for f, _ in ffi.typeof(command.ctype).fields].index(field)][1].type) == size
+    if command.fd_result is not None:
+        assert ffi.offsetof(command.ctype, "fd") == command.fd_result
+
+
+def test_the_command_table_has_the_kernels_minimum_sizes():
+    # offsetofend() of the last field the kernel's IOCTL_OP rows name.
+    assert {c.name: c.min_size for c in _abi.COMMAND_TABLE} == {
+        "LIVEUPDATE_IOCTL_CREATE_SESSION": 72, "LIVEUPDATE_IOCTL_RETRIEVE_SESSION": 72,
+        "LIVEUPDATE_SESSION_PRESERVE_FD": 16, "LIVEUPDATE_SESSION_RETRIEVE_FD": 16,
+        "LIVEUPDATE_SESSION_FINISH": 8, "LIVEUPDATE_SESSION_GET_NAME": 72}
+    assert {c.name: c.states for c in _abi.COMMAND_TABLE if c.target == "session"} == {
+        "LIVEUPDATE_SESSION_PRESERVE_FD": ("outgoing",), "LIVEUPDATE_SESSION_RETRIEVE_FD": ("incoming",),
+        "LIVEUPDATE_SESSION_FINISH": ("incoming",), "LIVEUPDATE_SESSION_GET_NAME": ("outgoing", "incoming")}
+
+
+def test_importing_the_package_does_not_load_cffi():
+    import subprocess
+    import sys
+
+    code = "import sys, liveupdate; s = liveupdate.Session; print(sorted(m for m in sys.modules if m.split('.')[0] in ('cffi', 'pycparser')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

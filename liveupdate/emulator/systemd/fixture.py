@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 from ...errors import make
 from .manager import EmulatedSystemd
 
-__all__ = ["SystemdHarness"]
+__all__ = ["SystemdHarness", "with_command"]
 
 
 class SystemdHarness:
@@ -65,7 +65,7 @@ class SystemdHarness:
         if name is None:
             raise make(errno.EINVAL, "liveupdate_systemd.unit", "a unit given as text needs name=")
         if command is not None:
-            text = _with_command(text, list(command))
+            text = with_command(text, list(command))
         return self.manager.load(text, name=name).name
 
     def start(self, name: str) -> None:
@@ -114,7 +114,7 @@ class SystemdHarness:
         self.manager.close()
 
 
-def _with_command(text: str, argv: List[str]) -> str:
+def with_command(text: str, argv: List[str]) -> str:
     """The unit text with its ExecStart= replaced by ``argv``."""
     command = "ExecStart=" + " ".join(shlex.quote(a) for a in argv)
     lines, done, in_service = [], False, False

@@ -48,9 +48,10 @@ _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC | socket.MSG_DONTWAIT
 _BATCH = 16
 
 CONTROL, DEVICE, SESSION = "control", "device", "session"
-#: Commands whose successful result carries a new fd in the struct's fd field.
-_SESSION_RESULT = (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION)
-_FILE_RESULT = (_abi.SESSION_RETRIEVE_FD,)
+#: Which commands carry an fd in (fd_arg) or out (fd_result), and where: the
+#: command table's rows. A device command's fd is a new session (relayed as
+#: a session socket), a session command's a file (passed on as it is).
+_BY_NUMBER = _abi.BY_NUMBER
 #: Failures that a release not yet seen could turn into another answer: a
 #: name or file still taken (EEXIST, EBUSY), a session still retrieved (EINVAL).
 _RELEASE_SENSITIVE = (errno.EEXIST, errno.EBUSY, errno.EINVAL)
@@ -345,13 +346,15 @@ class Server:
             raise OSError(errno.ESTALE, f"this {conn.kind} handle belongs to the kernel before an emulated kexec "
                                         f"(boot {conn.boot}; now boot {self.kernel.boots})")
         client_fd = b""
-        if cmd == _abi.SESSION_PRESERVE_FD and len(arg) >= 8:
+        row = _BY_NUMBER.get(cmd)
+        arg_at = None if row is None else row.fd_arg
+        if arg_at is not None and len(arg) >= arg_at + 4:
             # The struct names the client's fd number; the file itself came
             # with SCM_RIGHTS (or, for an fd the client could not send, -1,
             # which this process's kernel judges bad exactly as the client's
             # kernel would have).
-            client_fd = arg[4:8]
-            arg = arg[:4] + _FD_FIELD.pack(-1 if fd_in is None else fd_in) + arg[8:]
+            client_fd = arg[arg_at:arg_at + 4]
+            arg = arg[:arg_at] + _FD_FIELD.pack(-1 if fd_in is None else fd_in) + arg[arg_at + 4:]
         try:
             out = self.kernel.port.ioctl(conn.handle, cmd, arg)
         except OSError as exc:
@@ -362,15 +365,15 @@ class Server:
             if exc.errno not in _RELEASE_SENSITIVE or not self._reap(conn):
                 raise
             out = self.kernel.port.ioctl(conn.handle, cmd, arg)
-        if client_fd:
-            out = out[:4] + client_fd + out[8:]
-        if cmd in _SESSION_RESULT:
-            handle = _FD_FIELD.unpack_from(out, 4)[0]
-            return out, *self._session_socket(handle)
-        if cmd in _FILE_RESULT:
-            fd = _FD_FIELD.unpack_from(out, 4)[0]
-            return out, fd, [fd]
-        return out, None, []
+        if client_fd and arg_at is not None:
+            out = out[:arg_at] + client_fd + out[arg_at + 4:]
+        fd_at = None if row is None else row.fd_result
+        if row is None or fd_at is None:
+            return out, None, []
+        fd = _FD_FIELD.unpack_from(out, fd_at)[0]
+        if row.target == "device":
+            return out, *self._session_socket(fd)
+        return out, fd, [fd]
 
     def _session_socket(self, handle: int) -> Tuple[int, List[int]]:
         """Wrap the emulator's session fd ``handle`` in a socket pair; returns

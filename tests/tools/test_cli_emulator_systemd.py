@@ -135,6 +135,14 @@ def test_a_memfd_and_a_session_survive_an_emulated_systemctl_kexec(tmp_path) -> 
         assert "fd stores restored, KExecCount=1" in kexec.stderr
         assert json.loads(report.read_text()) == {"names": ["data", "sess"], "data": "in the fd store",
                                                   "state": "incoming", "in_session": "in the session"}
+        # the image the service wrote at the kexec: systemd's session, decoded
+        inspect = subprocess.run([sys.executable, "-m", "liveupdate", "inspect", service.image], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert inspect.returncode == 0, inspect.stderr
+        assert ("  systemd's mapping (token 0): version 1, KExecCount 0, 1 unit(s)\n"
+                "    unit d.service: 2 fd store entries\n"
+                "      'sess': session 'own-sess': a session in this image\n"
+                "      'data': token 1: memfd of 15 bytes\n") in inspect.stdout
     finally:
         manager.terminate()
         output = manager.communicate(timeout=30)[0]

@@ -114,14 +114,18 @@ class Command:
     ``nr`` is the command number, or the name of the cdefs constant that
     holds it; ``last`` the last field the kernel needs (the minimum size is
     where it ends); ``fd_result`` and ``fd_arg`` the offsets of a new fd in
-    the result and of the caller's fd in the argument, or None."""
+    the result and of the caller's fd in the argument, or None;
+    ``unknown_if_einval`` that EINVAL from it, with the arguments the
+    library sends, can only mean a kernel without the command (it refuses
+    a number beyond its table with EINVAL): see errors.wrap_ioctl."""
 
     __slots__ = ("name", "nr", "number", "ctype", "packer", "fields", "min_size", "target", "states",
-                 "fd_result", "fd_arg")
+                 "fd_result", "fd_arg", "unknown_if_einval")
 
     def __init__(self, name: str, nr: "int | str", ctype: str, packer: struct.Struct,
                  fields: "Tuple[Tuple[str, int, int], ...]", last: str, target: str,
-                 states: "Tuple[str, ...]", fd_result: "int | None", fd_arg: "int | None" = None) -> None:
+                 states: "Tuple[str, ...]", fd_result: "int | None", fd_arg: "int | None" = None,
+                 unknown_if_einval: bool = False) -> None:
         if target not in CMD_BASE:
             raise ValueError(f"{name}: target must be 'device' or 'session', not {target!r}")
         self.name = name
@@ -141,6 +145,7 @@ class Command:
         self.fd_result = fd_result
         #: offset of an fd of the caller's in the argument, or None
         self.fd_arg = fd_arg
+        self.unknown_if_einval = unknown_if_einval
 
     @property
     def size(self) -> int:
@@ -176,7 +181,9 @@ COMMAND_TABLE: "Tuple[Command, ...]" = (
             "session", ("incoming",), None),
     Command("LIVEUPDATE_SESSION_GET_NAME", "LIVEUPDATE_CMD_SESSION_GET_NAME",
             "struct liveupdate_session_get_name", GET_NAME,
-            (("size", 0, 4), ("reserved", 4, 4), ("name", 8, NAME_LENGTH)), "name", "session", _ANY, None),
+            (("size", 0, 4), ("reserved", 4, 4), ("name", 8, NAME_LENGTH)), "name", "session", _ANY, None,
+            # Any session, reserved 0, the full size: EINVAL is only "no such command".
+            unknown_if_einval=True),
 )
 
 #: ioctl number -> its row.

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     _H = TypeVar("_H", bound="Handle")
 
-from . import errors
+from . import _abi, errors
 
 __all__ = ["Handle"]
 
@@ -64,7 +64,7 @@ class Handle:
             if not isinstance(exc, OSError):
                 raise exc
             if exc.errno != errno.EINTR:
-                raise errors.wrap(exc, op, **self._op_args(), **args) from None
+                raise errors.wrap_ioctl(exc, op, _abi.BY_NUMBER.get(cmd), **self._op_args(), **args) from None
             try:
                 return self._port.ioctl(self._fd, cmd, arg)
             except (OSError, ValueError) as again:

@@ -40,7 +40,13 @@ def add_parser(subparsers: Any) -> None:
     hold = subparsers.add_parser(
         "hold",
         help="preserve files in a new session and keep it alive until the kexec",
-        description=__doc__.split("\n\n")[1],
+        # Written out, not taken from __doc__: python -OO strips docstrings,
+        # and --help is plain text, not the docstring's markup.
+        description="Create session NAME, preserve the files in it and leave a small background process "
+        "holding the session until the kexec (`liveupdate release NAME` stops it). Each FILE is the path "
+        "of a memfd (/proc/PID/fd/N), an inherited fd (fd:N), or with --copy any readable file copied into "
+        "a new memfd; TOKEN=FILE gives its token (decimal or 0x hex), the others get the next free number "
+        "from 0.",
     )
     hold.add_argument("name", metavar="NAME", help="session name (1 to 63 bytes)")
     hold.add_argument("files", metavar="[TOKEN=]FILE", nargs="+",

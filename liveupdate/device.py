@@ -13,7 +13,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Optional, Tuple
 
-from . import _abi, _args, _port, errors
+from . import _abi, _args, _port, _timeout, errors
 from .session import Session, _Built
 
 __all__ = ["open", "Device", "DEFAULT_PATH"]
@@ -91,7 +91,7 @@ class Device:
     def _open_port(cls, port: _port.Port, path: str = DEFAULT_PATH, timeout: float = 0,
                    no_device_hint: str = _NO_DEVICE_HINT) -> "Device":
         """Open the device of any port, retrying EBUSY for ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + _timeout.seconds(timeout, "open", path=path)  # EINVAL: NaN, < 0
         delay = 0.005
         while True:
             try:

@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import liveupdate
 
+from .. import _timeout
 from ._common import CommandError, fail
 
 __all__ = ["add_parser", "state_dir"]
@@ -68,8 +69,9 @@ def add_parser(subparsers: Any) -> None:
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emulator", metavar="SOCKET", help="use the emulator service at SOCKET")
     parser.add_argument("--state-dir", metavar="DIR", help="where holders keep their records")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="how long to wait for the device if another process holds it (default 10)")
+    parser.add_argument("--timeout", type=_timeout.argument, default=10.0, metavar="SECONDS",
+                        help="how long to wait for the device if another process holds it (default 10; inf: "
+                             "for ever)")
 
 
 def state_dir(explicit: Optional[str] = None) -> str:

@@ -24,10 +24,11 @@ import select
 import socket
 import struct
 import threading
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _abi, _port
+from .. import _timeout as _seconds
+from .._timeout import poll_ms
 from . import protocol as P
 
 __all__ = ["ServicePort", "port_for", "kexec", "status", "is_session_socket", "DEFAULT_TIMEOUT", "TIMEOUT_ENV"]
@@ -45,11 +46,15 @@ _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
 _FD_RESULT = (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION, _abi.SESSION_RETRIEVE_FD)
 
 
-def _timeout() -> float:
-    try:
-        return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
-    except ValueError:
+def _timeout(timeout: Optional[float], op: str) -> float:
+    """The caller's timeout, else $LIVEUPDATE_EMULATOR_TIMEOUT, else the
+    default; inf waits for ever. EINVAL for NaN, negatives and non-numbers."""
+    if timeout is not None:
+        return _seconds.seconds(timeout, op)
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
         return DEFAULT_TIMEOUT
+    return _seconds.from_text(text, op, TIMEOUT_ENV)
 
 
 def _wrap_fd(fd: int) -> socket.socket:
@@ -170,8 +175,7 @@ class ServicePort:
     def _call(self, fd: int, op: int, value: int, payload: bytes, direct: bool,
               fd_in: Optional[int] = None, timeout: Optional[float] = None) -> Tuple[bytes, Optional[int]]:
         """Send one request on ``fd`` and wait for its reply: (payload, fd)."""
-        if timeout is None:
-            timeout = _timeout()
+        timeout = _timeout(timeout, "emulator service call")
         if direct:
             with self._lock:
                 return self._exchange(fd, op, value, payload, fd_in, None, timeout)
@@ -282,12 +286,15 @@ def _raise_refusal(sock: socket.socket) -> None:
 def _await_reply(sock: socket.socket, seq: int, timeout: float) -> Tuple[bytes, Optional[int]]:
     """Wait (bounded) for the reply numbered ``seq``; raise its errno if it
     is an error. Replies to earlier, abandoned requests are discarded."""
-    deadline = time.monotonic() + timeout
+    deadline = _seconds.deadline_after(timeout, "emulator service call")
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(remaining * 1000):
+        # poll_ms caps one wait at a C int of ms: a huge timeout loops here.
+        wait_ms = poll_ms(deadline)
+        if wait_ms == 0 or not poller.poll(wait_ms):
+            if wait_ms != 0 and _seconds.remaining(deadline) > 0:
+                continue
             raise OSError(errno.ETIMEDOUT, f"the emulator service did not answer within {timeout:g} s "
                                            f"(set {TIMEOUT_ENV} to wait longer)")
         try:

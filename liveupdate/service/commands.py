@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Any, Optional, TextIO
 
+from .. import _timeout
 from . import client, paths
 
 __all__ = ["add_arguments", "serve", "run_kexec", "run_status"]
@@ -22,6 +23,9 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
     (each sets ``func(args) -> int`` and ``command_path``)."""
     socket_help = ("the service's socket (default: $LIVEUPDATE_EMULATOR, else "
                    f"$XDG_RUNTIME_DIR/{paths.SOCKET_NAME})")
+
+    timeout_help = (f"how long to wait for the service's answer (default: ${client.TIMEOUT_ENV}, else "
+                    f"{client.DEFAULT_TIMEOUT:g}; inf waits for ever)")
 
     serve_p = actions.add_parser("serve", help="run one emulated kernel as a service for many processes",
                                  description="Run an emulated Live Update kernel that processes use through "
@@ -40,13 +44,13 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
                                  description="Serialize the outgoing sessions, invalidate every handle of the "
                                              "old kernel and boot a new one from the preserved memory.")
     kexec_p.add_argument("--socket", metavar="PATH", help=socket_help)
-    kexec_p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                         help="how long to wait for the service (default 60)")
+    kexec_p.add_argument("--timeout", type=_timeout.argument, default=None, metavar="SECONDS",
+                         help=timeout_help)
     kexec_p.set_defaults(func=kexec_command, command_path="emulator kexec")
 
     status_p = actions.add_parser("status", help="what the service holds (JSON)")
     status_p.add_argument("--socket", metavar="PATH", help=socket_help)
-    status_p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    status_p.add_argument("--timeout", type=_timeout.argument, default=None, metavar="SECONDS", help=timeout_help)
     status_p.set_defaults(func=status_command, command_path="emulator status")
 
 

@@ -12,8 +12,9 @@ Errors are the kernel's: the service sends the emulated kernel's errno and
 this port raises ``OSError`` with it. A few errnos are the service's own:
 ESTALE (a handle from before an emulated kexec), ECONNREFUSED / ENOENT (no
 service at that path), EPIPE / ECONNRESET (the service went away),
-ETIMEDOUT (it did not answer in time), EACCES (not a uid it serves), EPROTO
-(a peer that does not speak this protocol).
+ETIMEDOUT (it did not answer in time), EACCES (not a uid it serves, or a
+listener that is neither this user nor root: checked with SO_PEERCRED before
+anything is sent), EPROTO (a peer that does not speak this protocol).
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ class ServicePort:
 
         Raises OSError: EBUSY (another process holds the emulated device),
         ENOENT / ECONNREFUSED (no service at the socket path), EACCES (the
-        service does not serve this uid), EIO (its kernel failed to boot)."""
+        service does not serve this uid, or its listener is another uid's), EIO (its kernel failed to boot)."""
         if self.path is None:
             raise OSError(errno.ENODEV, "this port only serves adopted session fds; name the service socket")
         sock = self._connect()
@@ -166,6 +167,11 @@ class ServicePort:
                                          f"(start one with: liveupdate emulator serve --socket {self.path})") from None
             raise OSError(exc.errno, f"cannot connect to the emulator service at {self.path}: "
                                      f"{os.strerror(exc.errno or 0)}") from None
+        try:
+            _check_listener(sock, self.path)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def _next_seq(self) -> int:
@@ -226,6 +232,35 @@ class ServicePort:
             raise _transport_error(exc, self.path) from None
         finally:
             sock.detach()
+
+
+_UCRED = struct.Struct("=iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
+def listener_credentials(sock: socket.socket) -> Tuple[int, int, int]:
+    """(pid, uid, gid) of the process that listens at the other end of the
+    connected unix socket ``sock`` (SO_PEERCRED: as of its listen())."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def _check_listener(sock: socket.socket, path: str) -> None:
+    """Refuse a listener that is neither this user nor root, before a
+    single byte (or fd) is sent: in a directory others can write, another
+    uid may have bound the socket path first and would receive our
+    sessions and memfds."""
+    try:
+        pid, uid, _ = listener_credentials(sock)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot tell who listens at {path} (SO_PEERCRED): "
+                                 f"{os.strerror(exc.errno or 0)}") from None
+    mine = os.geteuid()
+    if uid not in (mine, 0):
+        raise OSError(errno.EACCES, f"the socket {path} is served by uid {uid} (pid {pid}), neither this user "
+                                    f"(uid {mine}) nor root: refusing to send it anything; another user may have "
+                                    f"taken the path first, so keep the socket in a directory only you can write "
+                                    f"(e.g. $XDG_RUNTIME_DIR)")
 
 
 def _reserve_fd_slot(fd: int) -> None:

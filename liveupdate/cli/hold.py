@@ -22,6 +22,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import stat
 import time
@@ -53,6 +54,11 @@ def add_parser(subparsers: Any) -> None:
     hold.add_argument("files", metavar="[TOKEN=]FILE", nargs="+",
                       help="a memfd path (/proc/PID/fd/N), fd:N for an inherited fd, or any file with --copy")
     hold.add_argument("--copy", action="store_true", help="copy files that are not memfds into new memfds")
+    # argparse reads any word that starts with '-' and is not a negative
+    # number as an option, so "-1=FILE" would be "unrecognized arguments".
+    # hold has no option that starts with a digit: a '-' and a digit is a
+    # TOKEN=FILE (whose token _parse_token then refuses with its reason).
+    hold._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[^=]*=")
     _common_options(hold)
     hold.set_defaults(func=run_hold)
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -67,25 +68,45 @@ def serve(socket_path: Optional[str] = None, image: Optional[str] = None, ready_
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=out,
                         format="liveupdate emulator: %(message)s")
     path = paths.resolve_socket_path(socket_path)
+    if ready_fd is not None:
+        _check_ready_fd(ready_fd)  # before anything is bound or said
     _raise_fd_limit()
     kernel = Kernel(image, emulator_class=emulator_class)
     listener = paths.bind_listener(path)
     inode = os.stat(path).st_ino
-    server = Server(kernel, listener, allowed_uids={os.geteuid(), 0})
-    server.install_signal_handlers()
-    where = f", image {kernel.image}" + (" (booted from it)" if kernel.booted_from_image else "") if kernel.image else ""
-    out.write(f"liveupdate emulator: serving at {path}{where}; pid {os.getpid()}\n")
-    out.flush()
-    if ready_fd is not None:
-        try:
-            os.write(ready_fd, b"READY\n")
-        finally:
-            os.close(ready_fd)
     try:
+        server = Server(kernel, listener, allowed_uids={os.geteuid(), 0})
+        server.install_signal_handlers()
+        if ready_fd is not None:
+            # Told before "serving at": a failure here leaves no socket behind
+            # and no line that says the service runs.
+            try:
+                os.write(ready_fd, b"READY\n")
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot write READY to --ready-fd {ready_fd}: "
+                                         f"{os.strerror(exc.errno or 0)}") from None
+            finally:
+                os.close(ready_fd)
+        where = f", image {kernel.image}" + (" (booted from it)" if kernel.booted_from_image else "") if kernel.image else ""
+        out.write(f"liveupdate emulator: serving at {path}{where}; pid {os.getpid()}\n")
+        out.flush()
         return server.serve_forever()
     finally:
         listener.close()
         _unlink_if_ours(path, inode)
+
+
+def _check_ready_fd(fd: int) -> None:
+    """EBADF unless ``fd`` is open for writing in this process."""
+    import fcntl
+
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except (OSError, OverflowError, ValueError):
+        raise OSError(errno.EBADF, f"--ready-fd {fd} is not an open fd of this process "
+                                   f"(open it for the service, e.g. `serve --ready-fd 3 3>FILE`)") from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise OSError(errno.EBADF, f"--ready-fd {fd} is open read-only; READY cannot be written to it")
 
 
 def _raise_fd_limit() -> None:

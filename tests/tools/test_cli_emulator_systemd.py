@@ -4,9 +4,11 @@ anything, each in one line with a hint. The whole flow (units started,
 as the example daemon's README shows it (tests/docs)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from typing import List
 
 import pytest
@@ -63,3 +65,87 @@ def test_a_relative_command_is_taken_from_where_it_was_typed(tmp_path) -> None:
     result = run(["x.service", "--", "./daemon.py"], str(tmp_path))
     assert result.returncode == 1
     assert f"{tmp_path}/daemon.py" in result.stderr and "ExecStart=" in result.stderr  # the hint
+
+
+DAEMON = r'''
+import json, os, sys, time
+import liveupdate
+from liveupdate import systemd
+
+report = sys.argv[1]
+passed = {entry.name: entry.fd for entry in systemd.listen_fds()}
+if passed:
+    session = liveupdate.Session.from_fd(passed["sess"])
+    with session, open(report, "a") as out:
+        fd = session.retrieve(5)
+        out.write(json.dumps({"names": sorted(passed), "data": os.pread(passed["data"], 64, 0).decode(),
+                              "state": session.state, "in_session": os.pread(fd, 64, 0).decode()}) + "\n")
+        os.close(fd)
+        session.finish()
+else:
+    data = os.memfd_create("data")
+    os.write(data, b"in the fd store")
+    systemd.store_fd(data, "data")
+    with liveupdate.open() as dev:
+        session = dev.create_session("own-sess")
+    fd = os.memfd_create("x")
+    os.write(fd, b"in the session")
+    session.preserve(fd, 5)
+    systemd.store_session(session, "sess")
+    systemd.barrier()
+systemd.notify("READY=1")
+while True:
+    time.sleep(60)
+'''
+
+UNIT = """[Service]
+Type=notify
+ExecStart=/usr/local/bin/daemon
+FileDescriptorStoreMax=4
+FileDescriptorStorePreserve=yes
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def test_a_memfd_and_a_session_survive_an_emulated_systemctl_kexec(tmp_path) -> None:
+    from liveupdate.service.testing import ServiceProcess
+
+    (tmp_path / "daemon.py").write_text(DAEMON)
+    (tmp_path / "d.service").write_text(UNIT)
+    report = tmp_path / "report.jsonl"
+    service = ServiceProcess(tmp_path, image=True).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LIVEUPDATE_")}
+    env.update(PYTHONPATH=ROOT, LIVEUPDATE_EMULATOR=service.socket, LIVEUPDATE_BACKEND="service")
+    manager = subprocess.Popen(
+        [sys.executable, "-m", "liveupdate", "emulator", "systemd", "--ready-file", str(tmp_path / "ready"),
+         "d.service", "--", sys.executable, "daemon.py", str(report)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(600):
+            if (tmp_path / "ready").exists() or manager.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert (tmp_path / "ready").exists(), manager.communicate(timeout=10)[0]
+        kexec = subprocess.run([sys.executable, "-m", "liveupdate", "emulator", "kexec"], env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert kexec.returncode == 0, kexec.stderr
+        assert "fd stores preserved in session 'systemd'" in kexec.stderr
+        assert "fd stores restored, KExecCount=1" in kexec.stderr
+        assert json.loads(report.read_text()) == {"names": ["data", "sess"], "data": "in the fd store",
+                                                  "state": "incoming", "in_session": "in the session"}
+        # the image the service wrote at the kexec: systemd's session, decoded
+        inspect = subprocess.run([sys.executable, "-m", "liveupdate", "inspect", service.image], env=env,
+                                 capture_output=True, text=True, timeout=60)
+        assert inspect.returncode == 0, inspect.stderr
+        assert ("  systemd's mapping (token 0): version 1, KExecCount 0, 1 unit(s)\n"
+                "    unit d.service: 2 fd store entries\n"
+                "      'sess': session 'own-sess': a session in this image\n"
+                "      'data': token 1: memfd of 15 bytes\n") in inspect.stdout
+    finally:
+        manager.terminate()
+        output = manager.communicate(timeout=30)[0]
+        service.stop()
+    assert manager.returncode == 0, output
+    assert "services stopped" in output

@@ -128,8 +128,7 @@ class Handover:
 
     def __repr__(self) -> str:
         names = ", ".join(f"{name}@{pa:#x}+{size}" for name, (pa, size) in self.subtrees.items())
-        return (f"<Handover {len(self.pages)} kernel pages, {self.folios.live_pages()} memfd pages, "
-                f"subtrees: {names or 'none'}>")
+        return f"<Handover {self.page_count()} preserved pages, subtrees: {names or 'none'}>"
 
 
 class PhysicalMemory:
@@ -268,10 +267,8 @@ class PhysicalMemory:
         self.write(pa, abi.U64.pack(value))
 
     def __repr__(self) -> str:
-        return (
-            f"<PhysicalMemory {len(self.pages)} kernel pages, {self.folios.live_pages()} memfd folios "
-            f"in {len(self.folios)} runs, {self.handover!r}>"
-        )
+        kernel, folios = len(self.pages), self.folios.live_pages()
+        return f"<PhysicalMemory {kernel + folios} pages ({kernel} kernel, {folios} memfd folios), {self.handover!r}>"
 
 
 def get_order(size: int) -> int:

@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional, TextIO
+from typing import Any, Callable, Dict, Optional, TextIO
 
 from . import budget, client, paths
 
@@ -115,9 +115,16 @@ def serve_command(args: argparse.Namespace) -> int:
     return serve(args.socket, args.image, args.ready_fd, args.verbose, limits=limits)
 
 
-def run_kexec(socket_path: Optional[str] = None, timeout: Optional[float] = None) -> dict:
-    """Ask the service to kexec; returns its report. Raises OSError."""
-    return client.kexec(paths.resolve_socket_path(socket_path), timeout)
+def run_kexec(socket_path: Optional[str] = None, timeout: Optional[float] = None,
+              say: Callable[[str], None] = lambda _: None) -> dict:
+    """Ask the service to kexec, with every emulated systemd serving it
+    (``liveupdate emulator systemd``) doing systemd's part before and
+    after, as ``systemctl kexec`` does; returns the service's report.
+    Raises OSError."""
+    from ..emulator.systemd.control import kexec_with_managers
+
+    path = paths.resolve_socket_path(socket_path)
+    return kexec_with_managers(path, lambda: client.kexec(path, timeout), say)
 
 
 def run_status(socket_path: Optional[str] = None, timeout: Optional[float] = None) -> dict:
@@ -125,7 +132,7 @@ def run_status(socket_path: Optional[str] = None, timeout: Optional[float] = Non
 
 
 def kexec_command(args: argparse.Namespace) -> int:
-    info = run_kexec(args.socket, args.timeout)
+    info = run_kexec(args.socket, args.timeout, say=lambda line: print(line, file=sys.stderr, flush=True))
     image = f"; image {info['image']} written" if info.get("image") else ""
     sys.stdout.write(f"emulated kexec done: boot {info['boot']}{image}\n")
     return 0

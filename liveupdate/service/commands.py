@@ -34,10 +34,10 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
     serve_p.add_argument("--ready-fd", metavar="FD", type=int,
                          help="write 'READY' and close this fd once the socket accepts connections")
     budget_help = "(default: %s; see the README's \"Limits of the emulator service\")"
-    serve_p.add_argument("--memory-per-client", metavar="SIZE", type=budget.parse_size,
+    serve_p.add_argument("--memory-per-client", metavar="SIZE", type=_size,
                          help="memory one client's preserved files may make the service hold, e.g. 512M "
                               + budget_help % "half of --memory-total")
-    serve_p.add_argument("--memory-total", metavar="SIZE", type=budget.parse_size,
+    serve_p.add_argument("--memory-total", metavar="SIZE", type=_size,
                          help="memory all clients' preserved files may make the service hold "
                               + budget_help % "a quarter of the physical memory")
     serve_p.add_argument("--fds-per-client", metavar="N", type=int,
@@ -61,6 +61,13 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
     status_p.add_argument("--socket", metavar="PATH", help=socket_help)
     status_p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
     status_p.set_defaults(func=status_command, command_path="emulator status")
+
+
+def _size(text: str) -> int:
+    try:
+        return budget.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def serve(socket_path: Optional[str] = None, image: Optional[str] = None, ready_fd: Optional[int] = None,

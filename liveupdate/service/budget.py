@@ -50,21 +50,36 @@ FDS_PER_FILE = 1
 #: one leaving, a new socket pair).
 FD_HEADROOM = 64
 
-#: What the emulator holds for each page of a preserved memfd, holes
-#: included: a FolioPage object, its slot and pfn key in the memory's page
-#: dict, and its 16-byte record in the folio array (about 254 bytes a page
-#: measured in RSS on CPython 3.11). Change :func:`held_bytes` with the
-#: emulator's representation of those pages.
-_BYTES_PER_PAGE = 256
-#: A file with no page still costs its 48-byte record, its KernelFile and
-#: the bookkeeping around it.
+def _bytes_per_page() -> int:
+    """What the emulator holds for each page of a preserved memfd, holes
+    included. Kept in runs (:mod:`liveupdate.emulator.folio_runs`): about
+    one byte a page. Before that, a FolioPage object per page, its slot and
+    pfn key in the memory's page dict and its 16-byte record in the folio
+    array: about 254 bytes a page, measured in RSS on CPython 3.11."""
+    import importlib.util
+
+    try:
+        runs = importlib.util.find_spec("liveupdate.emulator.folio_runs") is not None
+    except (ImportError, ValueError):
+        runs = False
+    return 1 if runs else 256
+
+
+_BYTES_PER_PAGE = _bytes_per_page()
+#: A file with no page still costs its 48-byte record, its KernelFile, the
+#: runs that describe it and the bookkeeping around them.
 _BYTES_PER_FILE = 1024
 
 
 def held_bytes(st: os.stat_result) -> int:
     """The memory the emulator holds for preserving a file with status
-    ``st``: the one place that knows how the emulator keeps preserved
-    pages (every page of the file, holes included, one object each)."""
+    ``st``: the one place that knows how the emulator keeps preserved pages.
+
+    Not the file's data: the pages a client wrote stay in its memfd, charged
+    to the memory cgroup of whoever wrote them (the service holds a
+    reference, not a copy), so only the emulator's own bookkeeping for them
+    grows the service. That is proportional to the apparent size (the
+    kernel records every page, holes included)."""
     pages = -(-max(st.st_size, 0) // PAGE_SIZE)
     return _BYTES_PER_FILE + pages * _BYTES_PER_PAGE
 

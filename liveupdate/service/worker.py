@@ -61,6 +61,7 @@ class KernelWorker:
                 result = call()
             except BaseException as exc:  # handed to the loop, which answers it
                 error = exc
+            _give_back_to_the_system()
             with self._done_lock:
                 self._done.append((done, result, error))
             try:
@@ -82,3 +83,27 @@ class KernelWorker:
             self._calls.put(None)
             self._thread.join(timeout)
             self._thread = None
+
+
+def _trimmer() -> Optional[Callable[[int], int]]:
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError, ImportError):  # not glibc
+        return None
+
+
+_trim: Optional[Callable[[int], int]] = None
+_trim_known = False
+
+
+def _give_back_to_the_system() -> None:
+    # A long call is one that made the emulator allocate or free a lot; what
+    # it freed stays in the C heap unless handed back, and the service's RSS
+    # would keep the high-water mark of every client's largest preserve.
+    global _trim, _trim_known
+    if not _trim_known:
+        _trim, _trim_known = _trimmer(), True
+    if _trim is not None:
+        _trim(0)

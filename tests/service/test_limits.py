@@ -39,6 +39,14 @@ def _cost(size: int) -> int:
         os.close(fd)
 
 
+def _preserve_sparse(session: Any, size: int, token: int) -> None:
+    fd = _sparse(size)
+    try:
+        session.preserve(fd, token)
+    finally:
+        os.close(fd)
+
+
 def _used(service: testing.ServiceProcess) -> Dict[str, Any]:
     return service.status()["budget"]
 
@@ -59,10 +67,16 @@ def _in_child(work) -> int:
     return wait_child(pid)
 
 
+SMALL = 4 * MiB
+#: A client's memory budget in these tests: three small files (whatever the
+#: emulator's cost per page, see budget.held_bytes), and 4.5 of them in all.
+UNIT = _cost(SMALL)
+
+
 @pytest.fixture
 def small_budget(tmp_path) -> Iterator[testing.ServiceProcess]:
-    # Room for a few small files per client, not for a large one.
-    svc = testing.ServiceProcess(tmp_path, extra_args=["--memory-per-client", "2M", "--memory-total", "3M",
+    svc = testing.ServiceProcess(tmp_path, extra_args=["--memory-per-client", str(3 * UNIT),
+                                                       "--memory-total", str(9 * UNIT // 2),
                                                        "--fds-per-client", "20", "--fds-total", "50"])
     svc.start()
     try:
@@ -72,7 +86,8 @@ def small_budget(tmp_path) -> Iterator[testing.ServiceProcess]:
 
 
 def test_a_client_past_its_memory_budget_gets_enomem_and_the_others_go_on(small_budget):
-    big, small = _sparse(64 * MiB), _sparse(4 * MiB)  # 16,384 pages: more than 2M of the service's memory
+    big, small = _sparse(64 * MiB), _sparse(SMALL)
+    assert _cost(64 * MiB) > 3 * UNIT
     try:
         with small_budget.open() as dev:
             session = dev.create_session("greedy")
@@ -81,14 +96,13 @@ def test_a_client_past_its_memory_budget_gets_enomem_and_the_others_go_on(small_
             session.preserve(big, 2)
         assert refused.value.errno == errno.ENOMEM
         assert "budget" in str(refused.value)
-        held = _used(small_budget)
-        assert held["memory"] == _cost(4 * MiB)
+        assert _used(small_budget)["memory"] == UNIT
 
         def other_client() -> None:
             with small_budget.open() as other:
                 theirs = other.create_session("modest")
-            fd = _sparse(4 * MiB)
-            theirs.preserve(fd, 1)
+            _preserve_sparse(theirs, SMALL, 1)
+            _preserve_sparse(theirs, SMALL, 2)
             theirs.close()
 
         assert _in_child(other_client) == 0
@@ -97,7 +111,8 @@ def test_a_client_past_its_memory_budget_gets_enomem_and_the_others_go_on(small_
         assert _used(small_budget)["memory"] == 0
         with small_budget.open() as dev:
             again = dev.create_session("greedy")
-        again.preserve(_sparse(16 * MiB), 1)  # fits once the first one is gone
+        for token in range(3):  # the whole budget, once the first file is gone
+            _preserve_sparse(again, SMALL, token)
         again.close()
     finally:
         os.close(big)
@@ -105,16 +120,17 @@ def test_a_client_past_its_memory_budget_gets_enomem_and_the_others_go_on(small_
 
 
 def test_the_service_total_bounds_all_clients_together(small_budget):
-    # Each client may hold 2M, all of them together 3M.
-    size = 28 * MiB  # 7,168 pages: about 1.75M each
+    # Each client may hold 3 units, all of them together 4.5.
     with small_budget.open() as dev:
         mine = dev.create_session("first")
-    mine.preserve(_sparse(size), 1)
+    _preserve_sparse(mine, SMALL, 1)
+    _preserve_sparse(mine, SMALL, 2)
 
     def second_client() -> None:
         with small_budget.open() as other:
             theirs = other.create_session("second")
-        theirs.preserve(_sparse(size), 1)
+        for token in range(3):
+            _preserve_sparse(theirs, SMALL, token)
 
     assert _in_child(second_client) == errno.ENOMEM
     mine.close()
@@ -126,10 +142,10 @@ def test_memory_follows_the_files_across_a_kexec_until_retrieved_or_finished(sma
         kept = dev.create_session("kept")
         dropped = dev.create_session("dropped")
     for token in (1, 2):
-        kept.preserve(_sparse(4 * MiB), token)
-    dropped.preserve(_sparse(4 * MiB), 1)
+        _preserve_sparse(kept, SMALL, token)
+    _preserve_sparse(dropped, SMALL, 1)
     before = _used(small_budget)["memory"]
-    assert before == 3 * _cost(4 * MiB)
+    assert before == 3 * UNIT
     small_budget.kexec()
     kept.close()
     dropped.close()
@@ -137,10 +153,10 @@ def test_memory_follows_the_files_across_a_kexec_until_retrieved_or_finished(sma
     with small_budget.open() as dev:
         incoming = dev.retrieve_session("kept")
     os.close(incoming.retrieve(1))
-    assert _used(small_budget)["memory"] == 2 * _cost(4 * MiB)
+    assert _used(small_budget)["memory"] == 2 * UNIT
     incoming.finish()
     incoming.close()
-    assert _used(small_budget)["memory"] == _cost(4 * MiB)  # "dropped", never retrieved
+    assert _used(small_budget)["memory"] == UNIT  # "dropped", never retrieved
     small_budget.kexec()  # ... which the next kernel does not get
     assert _used(small_budget)["memory"] == 0
 
@@ -295,7 +311,7 @@ def test_other_clients_are_served_while_a_long_preserve_runs(tmp_path, monkeypat
     # The service hands a call that makes the kernel hold more than
     # LONG_CALL_BYTES to its worker thread; here the preserve of token 7
     # is held at the port until the other client has been served.
-    monkeypatch.setattr(service_requests, "LONG_CALL_BYTES", 1 * MiB)
+    monkeypatch.setattr(service_requests, "LONG_CALL_BYTES", UNIT)
     _Gate.entered.clear()
     _Gate.release.clear()
     path = str(tmp_path / "svc.sock")

@@ -11,7 +11,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any, Dict, Optional
 
-from . import _abi, _args, _port, errors
+from . import _abi, _args, _port, _timeout, errors
 from ._handle import Handle
 from .session import Session, _Built
 
@@ -72,7 +72,7 @@ class Device(Handle):
     def _open_port(cls, port: _port.Port, path: str = DEFAULT_PATH, timeout: float = 0,
                    no_device_hint: str = _NO_DEVICE_HINT) -> "Device":
         """Open the device of any port, retrying EBUSY for ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + _timeout.seconds(timeout, "open", path=path)  # EINVAL: NaN, < 0
         delay = 0.005
         while True:
             try:

@@ -133,12 +133,25 @@ class Kernel:
         self.sessions.release(session)
 
     # -- reboot -------------------------------------------------------------------------
-    def reboot(self) -> None:
+    def reboot(self, write_image: "Optional[Callable[[Any], None]]" = None) -> None:
         """liveupdate_reboot() and the KHO finalization that follows: after
         it the memory holds only what the next kernel gets, and this kernel
-        is gone. Raises OSError if serialization fails (nothing changes)."""
+        is gone. Raises OSError if serialization fails (nothing changes).
+
+        ``write_image(handover)`` runs after the serialization and before
+        anything is handed over: if it raises, the serialization is undone
+        and this kernel runs on, as a kernel whose serialization fails
+        fails the reboot (the image is the emulator's stand-in for memory
+        that survives the reboot: no image, no handover)."""
         self.sessions.serialize()
-        self.kho.handover()
+        pending = self.kho.pending_handover()
+        if write_image is not None:
+            try:
+                write_image(pending)
+            except BaseException:
+                self.sessions.unserialize()
+                raise
+        self.kho.handover(pending)
         self.alive = False
         self._power_off()
 

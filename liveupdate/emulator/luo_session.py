@@ -252,6 +252,21 @@ class SessionGlobal:
         if header.count > 0:
             memory.write_u64(self.sessions_pa_at, header.block_set.head_pa)
 
+    def unserialize(self) -> None:
+        """Undo a :meth:`serialize` that succeeded, when what follows it
+        fails (the emulator's image write): every session unfrozen and its
+        entry cleared, as the kernel's error path does, and no session chain
+        in the root. The old kernel then runs on as if no reboot was tried."""
+        header = self.outgoing
+        memory = self.kernel.kho.memory
+        it = header.block_set.iterator()
+        slots = [it.reserve_entry() for _ in header.sessions]
+        for session, slot in reversed(list(zip(header.sessions.values(), slots))):
+            if slot is None:
+                continue
+            luo_file.unfreeze(session.file_set, slot + abi.NAME_LENGTH)
+            memory.write(slot, bytes(abi.NAME_LENGTH))
+        memory.write_u64(self.sessions_pa_at, 0)
 
 # -- the session ioctls (luo_session.c), bound to the command table's rows ------
 

@@ -172,7 +172,7 @@ def test_image_round_trip_restores_contents(tmp_path) -> None:  # type: ignore[n
 @pytest.mark.parametrize("mangle", [
     lambda d: d[:-1],
     lambda d: b"X" + d[1:],
-    lambda d: d[:8] + b"\2" + d[9:],
+    lambda d: d[:8] + b"\3" + d[9:],  # a version this reader does not know
     lambda d: d[:24] + struct.pack("<Q", 2**40) + d[32:],
     lambda d: d[:-8] + b"garbage!" + d[-8:],
     lambda d: b"",

@@ -25,7 +25,9 @@ import struct
 
 TYPE_CHECKING = False  # typing is for annotations only: a cheap import (see device.py)
 if TYPE_CHECKING:
-    from typing import Dict, Tuple
+    from typing import Any, Dict, Optional, Set, Tuple
+
+    import cffi
 
 __all__ = [
     "COMMAND_TABLE",
@@ -58,10 +60,10 @@ def _read(filename: str) -> str:
         return f.read()
 
 
-def constants(text: str) -> dict:
+def constants(text: str) -> "Dict[str, int]":
     """``#define NAME NUMBER`` lines and ``NAME = NUMBER,`` enum members of
     a cdefs header, by name (what cffi's ``lib.NAME`` gives)."""
-    found = {}
+    found: "Dict[str, int]" = {}
     for line in text.splitlines():
         words = line.replace("=", " = ").replace(",", " ").split()
         if len(words) == 3 and words[0] == "#define" or len(words) == 3 and words[1] == "=":
@@ -223,16 +225,16 @@ def unregister(command: Command) -> None:
 
 
 #: struct name -> (packer, [(field, offset)]) for the layout check.
-LAYOUTS = {c.ctype: (c.packer, [(f, o) for f, o, _ in c.fields]) for c in COMMAND_TABLE}
+LAYOUTS: "Dict[str, Tuple[struct.Struct, list[Tuple[str, int]]]]" = {c.ctype: (c.packer, [(f, o) for f, o, _ in c.fields]) for c in COMMAND_TABLE}
 
 
 # -- cffi, for what needs it ---------------------------------------------------
 
-_ffi = None
-_loaded = set()
+_ffi: "Optional[cffi.FFI]" = None
+_loaded: "Set[str]" = set()
 
 
-def _cffi():
+def _cffi() -> "cffi.FFI":
     """The project's one cffi layer, made on first use, with the layout
     check run against it."""
     global _ffi
@@ -258,11 +260,11 @@ def load_cdefs(filename: str) -> None:
         _loaded.add(filename)
 
 
-def check_layouts(ffi=None) -> None:
+def check_layouts(ffi: "Optional[cffi.FFI]" = None) -> None:
     """Check every packer, offset and constant of this module against
     cffi's parse of the header. Raises ImportError on a mismatch."""
     ffi = ffi or _cffi()
-    lib = ffi.dlopen(None)
+    lib: Any = ffi.dlopen(None)  # its attributes are the header's constants
     for name, value in _C.items():
         if getattr(lib, name) != value:
             raise ImportError(f"liveupdate: {name} is {getattr(lib, name)} in cdefs, {value} as read here")
@@ -274,7 +276,7 @@ def check_layouts(ffi=None) -> None:
                 raise ImportError(f"liveupdate: {ctype}.{field} is at {ffi.offsetof(ctype, field)}, packer says {offset}")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> "cffi.FFI":
     # ``_abi.ffi`` for the modules (and tests) that use cffi: made lazily.
     if name == "ffi":
         return _cffi()

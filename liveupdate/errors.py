@@ -242,7 +242,7 @@ def wrap_ioctl(exc: OSError, op: str, command: Any, **args: Any) -> LiveUpdateEr
     kernel's errno and says, once, which command this kernel does not
     support."""
     err = exc.errno
-    if command is not None and (err == _errno.ENOTTY or err == _errno.EINVAL and command.unknown_if_einval):
+    if err is not None and command is not None and (err == _errno.ENOTTY or err == _errno.EINVAL and command.unknown_if_einval):
         return make(err, op, f"this kernel does not support {command.name} (ioctl {command.number:#x}); "
                              "it needs a newer Live Update kernel", **args)
     return wrap(exc, op, **args)

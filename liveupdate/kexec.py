@@ -20,7 +20,7 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import _abi
 from .errors import make
@@ -41,7 +41,7 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 _abi.load_cdefs("kexec.h")
-_lib = _abi.ffi.dlopen(None)
+_lib: Any = _abi.ffi.dlopen(None)  # its attributes are the header's constants and syscall()
 
 KEXEC_FILE_UNLOAD: int = _lib.KEXEC_FILE_UNLOAD
 KEXEC_FILE_NO_INITRAMFS: int = _lib.KEXEC_FILE_NO_INITRAMFS
@@ -170,7 +170,7 @@ def plan_load(
         raise make(errno.EINVAL, "kexec_load", "the command line contains a NUL byte", kernel=str(kernel_path), cmdline=cmdline)
     number, _ = syscall_numbers(machine)
     flags = 0 if initrd_path is not None else KEXEC_FILE_NO_INITRAMFS
-    args = [("kernel_fd", kernel_path, f"open({_quote(str(kernel_path))}, O_RDONLY)")]
+    args: List[Tuple[str, Any, str]] = [("kernel_fd", kernel_path, f"open({_quote(str(kernel_path))}, O_RDONLY)")]
     if initrd_path is not None:
         args.append(("initrd_fd", initrd_path, f"open({_quote(str(initrd_path))}, O_RDONLY)"))
     else:

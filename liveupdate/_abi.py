@@ -225,7 +225,8 @@ def unregister(command: Command) -> None:
 
 
 #: struct name -> (packer, [(field, offset)]) for the layout check.
-LAYOUTS: "Dict[str, Tuple[struct.Struct, list[Tuple[str, int]]]]" = {c.ctype: (c.packer, [(f, o) for f, o, _ in c.fields]) for c in COMMAND_TABLE}
+LAYOUTS: "Dict[str, Tuple[struct.Struct, list[Tuple[str, int]]]]" = {
+    c.ctype: (c.packer, [(f, o) for f, o, _ in c.fields]) for c in COMMAND_TABLE}
 
 
 # -- cffi, for what needs it ---------------------------------------------------

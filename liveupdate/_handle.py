@@ -104,7 +104,8 @@ class Handle:
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            # No stacklevel: the garbage collector calls this, no caller is to blame.
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)  # noqa: B028
             try:
                 self.close()
             except OSError:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import time
 # Typing names are for annotations only (strings, under the __future__
 # import): importing typing would cost every program's start (it pulls in

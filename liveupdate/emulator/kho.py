@@ -40,7 +40,7 @@ import logging
 import os
 import struct
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from . import abi
 from .folio_runs import FolioMap, FolioRun, FolioTablePage, ENTRIES_PER_PAGE

@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from ..device import Device
 from ..errors import KernelPanic
@@ -60,7 +60,7 @@ from . import image as _image
 from .kho import Handover, PhysicalMemory
 from .luo_core import Kernel
 from .port import EmulatorPort
-from .walk import walk
+from .walk import Record, walk
 
 __all__ = ["Emulator", "default", "walk", "PhysicalMemory", "Handover", "Kernel", "KernelPanic"]
 
@@ -129,12 +129,13 @@ class Emulator:
         with self.port.lock:
             kernel = self._running()
             self.port.reap()  # fds closed without the port knowing: released before reboot
-            writer = None
+            writer: Optional[Callable[[Handover], None]] = None
             if image is not None:
                 path = image
 
-                def writer(handover: Handover) -> None:
+                def write(handover: Handover) -> None:
                     _image.save(path, handover, image_checkpoint, image_progress)
+                writer = write
 
             kernel.reboot(writer)
             self.port.retire(kernel)
@@ -157,7 +158,7 @@ class Emulator:
         kexecs led to it (0 on a first boot)."""
         return self._running().liveupdate_num
 
-    def walk(self) -> Iterator[Any]:
+    def walk(self) -> "Iterator[Record]":
         """Decode the last handover (see :func:`liveupdate.emulator.walk`)."""
         return walk(self)
 

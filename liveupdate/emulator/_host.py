@@ -6,7 +6,7 @@ import fcntl
 import os
 import resource
 import struct
-from typing import Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import cffi
 
@@ -20,7 +20,7 @@ MAX_LFS_FILESIZE = 2**63 - 1
 
 _ffi = cffi.FFI()
 _ffi.cdef("int fstatfs(int fd, void *buf);")
-_libc = _ffi.dlopen(None)
+_libc: Any = _ffi.dlopen(None)  # fstatfs(), as declared above
 # f_type is the first member of struct statfs on every Linux ABI, a native
 # word; 256 bytes cover the whole struct everywhere.
 _WORD = struct.Struct("=l" if _ffi.sizeof("long") == 8 else "=i")

@@ -39,7 +39,7 @@ import errno
 import fcntl
 import os
 import resource
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import cffi
 
@@ -48,7 +48,7 @@ __all__ = ["KernelFile", "fd_budget", "map_budget", "held_fds"]
 _ffi = cffi.FFI()
 _ffi.cdef("void *mmap(void *addr, size_t length, int prot, int flags, int fd, long offset);"
           "int munmap(void *addr, size_t length);")
-_libc = _ffi.dlopen(None)
+_libc: Any = _ffi.dlopen(None)  # mmap() and munmap(), as declared above
 _PROT_READ = 0x1
 _MAP_PRIVATE = 0x02
 _MAP_FAILED = 2**64 - 1 if _ffi.sizeof("void *") == 8 else 2**32 - 1

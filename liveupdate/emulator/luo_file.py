@@ -132,7 +132,7 @@ class FileSet:
             self.duplicates = True
 
     def _pop(self) -> LuoFile:
-        luo_file = self.files.pop()  # type: ignore[union-attr]
+        luo_file: LuoFile = self.files.pop()  # type: ignore[union-attr]
         if self.by_token.get(luo_file.token) is luo_file:
             del self.by_token[luo_file.token]
             # A duplicate token earlier in the list becomes the one found.

@@ -43,6 +43,7 @@ from typing import Dict
 from .. import _abi
 from . import abi, luo_file
 from .ioctl_op import SESSION_OPS, FdTable
+from .kfile import KernelFile
 from .kho_block import BlockSet
 from .luo_file import KernelParts as Kernel
 from .ucmd import Ucmd
@@ -167,7 +168,7 @@ class SessionGlobal:
     def preserve_fd(self, session: LuoSession, token: int, fd: int) -> None:
         luo_file.preserve_file(self.kernel.files, session.file_set, token, fd)
 
-    def retrieve_fd(self, session: LuoSession, token: int) -> "luo_file.KernelFile":
+    def retrieve_fd(self, session: LuoSession, token: int) -> KernelFile:
         return luo_file.retrieve_file(self.kernel.files, session.file_set, token)
 
     def finish(self, session: LuoSession) -> None:

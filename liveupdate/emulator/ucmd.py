@@ -25,7 +25,8 @@ def get_user_size(arg: bytes) -> int:
     """get_user() of the leading u32. Raises OSError EFAULT if absent."""
     if len(arg) < 4:
         raise OSError(errno.EFAULT, "the argument is shorter than its size field")
-    return _U32.unpack_from(arg)[0]
+    size: int = _U32.unpack_from(arg)[0]
+    return size
 
 
 def copy_struct_from_user(ksize: int, arg: bytes, usize: int) -> bytearray:

@@ -52,11 +52,13 @@ class Root(NamedTuple):
 
 
 class Block(NamedTuple):
+    # index and count are the kernel's names; as fields they hide the
+    # tuple methods of the same names, which no one calls on a record.
     chain: str
-    index: int
+    index: int  # type: ignore[assignment]  # pyright: ignore[reportIncompatibleMethodOverride]
     pa: int
     next: int
-    count: int
+    count: int  # type: ignore[assignment]  # pyright: ignore[reportIncompatibleMethodOverride]
     capacity: int
 
 
@@ -194,8 +196,8 @@ def _memfd(memory: PhysicalMemory, pa: int, token: int, visited: Dict[int, str])
 def walk(source: object) -> Iterator[Record]:
     """Decode the handover of ``source`` (see the module doc)."""
     memory, handover = _memory_of(source)
-    for name, (pa, size) in handover.subtrees.items():
-        yield Subtree(name, pa, size)
+    for subtree, (pa, size) in handover.subtrees.items():
+        yield Subtree(subtree, pa, size)
     if abi.LUO_KHO_ENTRY_NAME not in handover.subtrees:
         yield Problem("root", "no LUO subtree: the next kernel boots as a first boot")
         return
@@ -211,8 +213,8 @@ def walk(source: object) -> Iterator[Record]:
     session_entries = _chain(memory, sessions_pa, abi.SESSION_SER.size, "sessions", records, visited)
     yield from records
     for entry in session_entries:
-        name, files_pa, files_count = abi.SESSION_SER.unpack(memory.read(entry, abi.SESSION_SER.size))
-        name = abi.cstr(name)
+        raw, files_pa, files_count = abi.SESSION_SER.unpack(memory.read(entry, abi.SESSION_SER.size))
+        name = abi.cstr(raw)
         yield Session(entry, name, files_pa, files_count)
         records = []
         label = f"files of {name.decode('utf-8', 'backslashreplace')!r}"

@@ -438,7 +438,8 @@ def _control(path: str, op: int, timeout: Optional[float] = None) -> Dict[str, A
         sock.close()
     if fd is not None:
         os.close(fd)
-    return json.loads(payload.decode("utf-8"))
+    info: Dict[str, Any] = json.loads(payload.decode("utf-8"))
+    return info
 
 
 def kexec(path: str, timeout: Optional[float] = None) -> Dict[str, Any]:

@@ -148,7 +148,7 @@ def serve_command(args: argparse.Namespace) -> int:
 
 
 def run_kexec(socket_path: Optional[str] = None, timeout: Optional[float] = None,
-              say: Callable[[str], None] = lambda _: None) -> dict:
+              say: Callable[[str], None] = lambda _: None) -> Dict[str, Any]:
     """Ask the service to kexec, with every emulated systemd serving it
     (``liveupdate emulator systemd``) doing systemd's part before and
     after, as ``systemctl kexec`` does; returns the service's report.
@@ -156,10 +156,11 @@ def run_kexec(socket_path: Optional[str] = None, timeout: Optional[float] = None
     from ..emulator.systemd.control import kexec_with_managers
 
     path = paths.resolve_socket_path(socket_path)
-    return kexec_with_managers(path, lambda: client.kexec(path, timeout), say)
+    report: Dict[str, Any] = kexec_with_managers(path, lambda: client.kexec(path, timeout), say)
+    return report
 
 
-def run_status(socket_path: Optional[str] = None, timeout: Optional[float] = None) -> dict:
+def run_status(socket_path: Optional[str] = None, timeout: Optional[float] = None) -> Dict[str, Any]:
     return client.status(paths.resolve_socket_path(socket_path), timeout)
 
 

@@ -33,7 +33,7 @@ import selectors
 import signal
 import socket
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .. import _abi
 from ..errors import KernelPanic
@@ -67,7 +67,7 @@ class Server:
     EACCES refusal and a closed connection. ``limits``: the budgets
     (:func:`.budget.default_limits` when None)."""
 
-    def __init__(self, kernel: Any, listener: socket.socket, allowed_uids: Sequence[int],
+    def __init__(self, kernel: Any, listener: socket.socket, allowed_uids: Iterable[int],
                  limits: Optional[Limits] = None) -> None:
         self.kernel = kernel
         self.listener = listener
@@ -458,7 +458,8 @@ class Server:
         charged = [0, 0]  # fds, bytes charged to conn.account for this call
 
         def call() -> bytes:
-            return self.kernel.port.ioctl(conn.handle, cmd, arg)
+            out: bytes = self.kernel.port.ioctl(conn.handle, cmd, arg)
+            return out
 
         def start() -> bytes:
             # On the kernel's turn, so that the budget sees every earlier call.

@@ -50,7 +50,7 @@ class ServiceProcess:
         self.image: Optional[str] = os.fspath(image) if image else None
         self.env = dict(env or {})
         self.extra_args = list(extra_args)
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: "Optional[subprocess.Popen[bytes]]" = None
         self.log_path = os.path.join(self.directory, "emulator.log")
 
     @property

@@ -95,7 +95,7 @@ def serialize_fd_stores(stores: Sequence[Tuple[str, bool, List[Tuple[str, int]]]
     for unit, carried, entries in stores:
         if not carried or not entries:
             continue
-        listed = []
+        listed: List[Dict[str, Any]] = []
         for fdname, fd in entries:
             kernel_name = session_name_of(fd)
             if kernel_name == LUO_SESSION_NAME:
@@ -194,10 +194,12 @@ def restore_fd_stores(device: Any, dispatch: Callable[[str, str, int], None]) ->
         if skipped is not None:
             log.warning("LUO mapping has unsupported version %d, skipping state restoration.", mapping["version"])
             return result
-        state = mapping.get("state") if isinstance(mapping.get("state"), dict) else {}
+        found_state = mapping.get("state")
+        state: Dict[str, Any] = found_state if isinstance(found_state, dict) else {}
         count = state.get("KExecCount", 0)
         result["kexecs"] = (count if isinstance(count, int) else 0) + 1
-        units = mapping.get("units") if isinstance(mapping.get("units"), dict) else {}
+        found_units = mapping.get("units")
+        units: Dict[str, Any] = found_units if isinstance(found_units, dict) else {}
         for unit, body in units.items():
             entries = body.get("fdstore") if isinstance(body, dict) else None
             if not isinstance(entries, list):

@@ -118,7 +118,7 @@ class EmulatedSystemd:
 
     # -- units ----------------------------------------------------------------
 
-    def load(self, unit: Union[str, os.PathLike], name: Optional[str] = None) -> Unit:
+    def load(self, unit: "Union[str, os.PathLike[str]]", name: Optional[str] = None) -> Unit:
         """Load a unit from a file path, or from its text (then ``name`` is
         required). Loading it again replaces its configuration; its fd store
         stays. Raises OSError EINVAL for what the manager does not play."""

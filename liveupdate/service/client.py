@@ -44,7 +44,10 @@ _IOCTL_ARG_MAX = 1024
 _FD_FIELD = struct.Struct("=i")
 _SEND_FLAGS = socket.MSG_NOSIGNAL
 _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
-_FD_RESULT = (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION, _abi.SESSION_RETRIEVE_FD)
+# Which commands carry an fd in or out, and where: the command table's
+# fd_arg and fd_result (liveupdate._abi), read at each call so that a row
+# added at run time (_abi.register) is relayed like the others.
+_BY_NUMBER = _abi.BY_NUMBER
 
 
 def _timeout(timeout: Optional[float], op: str) -> float:
@@ -115,11 +118,14 @@ class ServicePort:
         arg = bytes(arg)
         if len(arg) > _IOCTL_ARG_MAX:
             raise ValueError("ioctl string arg too long")
-        if cmd in _FD_RESULT:
+        row = _BY_NUMBER.get(cmd)
+        fd_at = None if row is None else row.fd_result
+        if fd_at is not None:
             _reserve_fd_slot(fd)
         fd_in = None
-        if cmd == _abi.SESSION_PRESERVE_FD and len(arg) >= 8:
-            fd_in = _FD_FIELD.unpack_from(arg, 4)[0]
+        arg_at = None if row is None else row.fd_arg
+        if arg_at is not None and len(arg) >= arg_at + 4:
+            fd_in = _FD_FIELD.unpack_from(arg, arg_at)[0]
             if fd_in < 0:
                 fd_in = None
         direct = self._owner.get(fd) == os.getpid()
@@ -132,13 +138,13 @@ class ServicePort:
                 raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY)) from None
             raise
         if fd_out is not None:
-            if cmd not in _FD_RESULT or len(out) < 8:
+            if row is None or fd_at is None or len(out) < fd_at + 4:
                 os.close(fd_out)
                 raise OSError(errno.EPROTO, "the emulator service sent an fd with a result that has none")
-            out = out[:4] + _FD_FIELD.pack(fd_out) + out[8:]
-            if cmd != _abi.SESSION_RETRIEVE_FD:
+            out = out[:fd_at] + _FD_FIELD.pack(fd_out) + out[fd_at + 4:]
+            if row.target == "device":  # a new session: a handle of this process
                 self._owner[fd_out] = os.getpid()
-        elif cmd in _FD_RESULT:
+        elif fd_at is not None:
             # The service made the fd but it never arrived: the fd table of
             # this process is full (the kernel says EMFILE up front).
             raise OSError(errno.EMFILE, "no fd could be received from the emulator service")

@@ -11,10 +11,10 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, Optional, TextIO
+from typing import Any, Callable, Dict, Optional, TextIO
 
 from .. import _timeout
-from . import client, paths
+from . import budget, client, paths
 
 __all__ = ["add_arguments", "serve", "run_kexec", "run_status"]
 
@@ -38,6 +38,19 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
                               "atomically at each kexec")
     serve_p.add_argument("--ready-fd", metavar="FD", type=int,
                          help="write 'READY' and close this fd once the socket accepts connections")
+    budget_help = "(default: %s; see the README's \"Limits of the emulator service\")"
+    serve_p.add_argument("--memory-per-client", metavar="SIZE", type=_size,
+                         help="memory one client's preserved files may make the service hold, e.g. 512M "
+                              + budget_help % "half of --memory-total")
+    serve_p.add_argument("--memory-total", metavar="SIZE", type=_size,
+                         help="memory all clients' preserved files may make the service hold "
+                              + budget_help % "a quarter of the physical memory")
+    serve_p.add_argument("--fds-per-client", metavar="N", type=int,
+                         help="fds of the service one client's connections, sessions and files may hold "
+                              + budget_help % "a quarter of --fds-total")
+    serve_p.add_argument("--fds-total", metavar="N", type=int,
+                         help="fds of the service all clients may hold "
+                              + budget_help % f"the hard RLIMIT_NOFILE less {budget.FD_HEADROOM}")
     serve_p.add_argument("-v", "--verbose", action="store_true", help="log every kexec and refusal")
     serve_p.set_defaults(func=serve_command, command_path="emulator serve")
 
@@ -55,12 +68,22 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
     status_p.set_defaults(func=status_command, command_path="emulator status")
 
 
-def serve(socket_path: Optional[str] = None, image: Optional[str] = None, ready_fd: Optional[int] = None,
-          verbose: bool = False, emulator_class: Any = None, stderr: Optional[TextIO] = None) -> int:
-    """Run the service until SIGTERM/SIGINT; returns the exit status.
+def _size(text: str) -> int:
+    try:
+        return budget.parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
-    Raises OSError: EINVAL (no socket path known), EADDRINUSE (a service
-    listens there), ENAMETOOLONG; KernelPanic if ``image`` is corrupt."""
+
+def serve(socket_path: Optional[str] = None, image: Optional[str] = None, ready_fd: Optional[int] = None,
+          verbose: bool = False, emulator_class: Any = None, stderr: Optional[TextIO] = None,
+          limits: Optional[Dict[str, Optional[int]]] = None) -> int:
+    """Run the service until SIGTERM/SIGINT; returns the exit status.
+    ``limits``: budgets to set (the keyword arguments of
+    :func:`.budget.default_limits`), the others derived from the machine.
+
+    Raises OSError: EINVAL (no socket path known, a bad budget), EADDRINUSE
+    (a service listens there), ENAMETOOLONG; KernelPanic if ``image`` is corrupt."""
     from .kernel import Kernel
     from .server import Server
 
@@ -70,12 +93,13 @@ def serve(socket_path: Optional[str] = None, image: Optional[str] = None, ready_
     path = paths.resolve_socket_path(socket_path)
     if ready_fd is not None:
         _check_ready_fd(ready_fd)  # before anything is bound or said
-    _raise_fd_limit()
+    budget.raise_fd_limit()
+    budgets = budget.default_limits(**(limits or {}))
     kernel = Kernel(image, emulator_class=emulator_class)
     listener = paths.bind_listener(path)
     inode = os.stat(path).st_ino
     try:
-        server = Server(kernel, listener, allowed_uids={os.geteuid(), 0})
+        server = Server(kernel, listener, allowed_uids={os.geteuid(), 0}, limits=budgets)
         server.install_signal_handlers()
         if ready_fd is not None:
             # Told before "serving at": a failure here leaves no socket behind
@@ -109,21 +133,6 @@ def _check_ready_fd(fd: int) -> None:
         raise OSError(errno.EBADF, f"--ready-fd {fd} is open read-only; READY cannot be written to it")
 
 
-def _raise_fd_limit() -> None:
-    # Every session, device and preserved file of every client is an fd of
-    # this one process: lift the soft limit to the hard one.
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = 1 << 20
-    if soft != resource.RLIM_INFINITY and soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
 def _unlink_if_ours(path: str, inode: int) -> None:
     # Another service may have replaced a socket it found dead: leave theirs.
     try:
@@ -134,7 +143,8 @@ def _unlink_if_ours(path: str, inode: int) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    return serve(args.socket, args.image, args.ready_fd, args.verbose)
+    limits = {name: getattr(args, name) for name in ("memory_per_client", "memory_total", "fds_per_client", "fds_total")}
+    return serve(args.socket, args.image, args.ready_fd, args.verbose, limits=limits)
 
 
 def run_kexec(socket_path: Optional[str] = None, timeout: Optional[float] = None,

@@ -51,3 +51,9 @@ def test_help_describes_each_command(argv, says):
     done = cli(*argv, "--help")
     assert done.returncode == 0
     assert says in " ".join(done.stdout.split()), done.stdout
+
+
+def test_the_vm_readme_holds_no_draft():
+    with open(os.path.join(REPO, "tools", "vm", "README.md"), encoding="utf-8") as src:
+        text = src.read()
+    assert "(Section for the README.)" not in text

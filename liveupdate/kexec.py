@@ -21,7 +21,7 @@ import platform
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import _abi
 from .errors import make
@@ -299,7 +299,7 @@ def plan_load(
     if initrd_path is not None:
         _check_image(initrd_path, "initrd", INITRD_MAX)
     flags = 0 if initrd_path is not None else KEXEC_FILE_NO_INITRAMFS
-    args = [("kernel_fd", kernel_path, f"open({_quote(str(kernel_path))}, O_RDONLY)")]
+    args: List[Tuple[str, Any, str]] = [("kernel_fd", kernel_path, f"open({_quote(str(kernel_path))}, O_RDONLY)")]
     if initrd_path is not None:
         args.append(("initrd_fd", initrd_path, f"open({_quote(str(initrd_path))}, O_RDONLY)"))
     else:

@@ -11,6 +11,7 @@ import argparse
 import errno
 import os
 import sys
+from typing import Dict
 
 from .. import kexec
 from ._common import CommandError, fail, progress
@@ -46,7 +47,7 @@ _EXEC_HINTS = {
 }
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "kexec",
         help="load a kernel for a live update kexec, or start it",
@@ -88,8 +89,8 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     return parser
 
 
-def _hinted(exc: OSError, hints: dict) -> CommandError:
-    hint = hints.get(exc.errno)
+def _hinted(exc: OSError, hints: Dict[int, str]) -> CommandError:
+    hint = hints.get(exc.errno or 0)
     if exc.errno == errno.EPERM and os.geteuid() == 0:
         hint = _ROOT_PRIVILEGE_HINT
     return fail(exc, hint)

@@ -13,6 +13,7 @@ from typing import Callable
 
 from ..errors import KernelPanic
 from ..service import commands
+from . import emulator_systemd
 from ._common import CommandError, fail
 
 __all__ = ["add_parser"]
@@ -50,6 +51,7 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
     commands.add_arguments(actions)
+    emulator_systemd.add_action(actions)
     for action in actions.choices.values():
         action.set_defaults(func=_guarded(action.get_default("func")))
     return parser

@@ -17,6 +17,7 @@ import sys
 from typing import Any, Dict, TextIO
 
 from ._common import fail
+from .inspect_systemd import SESSION as SYSTEMD_SESSION, render_mapping, systemd_mapping
 
 __all__ = ["add_parser", "decode", "render_text"]
 
@@ -50,7 +51,9 @@ def _text(raw: bytes) -> str:
 
 def decode(image_path: str) -> Dict[str, Any]:
     """The image as plain data: ``{"image", "subtrees", "root", "chains",
-    "sessions", "problems"}``; sessions hold their files, files their memfd.
+    "sessions", "problems", "systemd"}``; sessions hold their files, files
+    their memfd; ``systemd`` is the decoded mapping of a ``systemd`` session
+    (see inspect_systemd), or None.
 
     Raises OSError: ENOEXEC for a file that is no image, or the errno of
     reading it."""
@@ -94,6 +97,7 @@ def decode(image_path: str) -> Dict[str, Any]:
                 session["files"][-1]["memfd"] = memfd
         elif isinstance(record, walk.Problem):
             doc["problems"].append({"where": record.where, "problem": record.message})
+    doc["systemd"] = systemd_mapping(image_path, doc)
     return doc
 
 
@@ -124,6 +128,8 @@ def render_text(doc: Dict[str, Any], out: TextIO) -> None:
                 line += (f", memfd of {memfd['size']} bytes, position {memfd['pos']}, seals "
                          f"{seal_names(memfd['seals'])}, {memfd['folios']} folio(s)")
             w(line + "\n")
+        if session["name"] == SYSTEMD_SESSION and doc.get("systemd") is not None:
+            render_mapping(doc["systemd"], out)
     for problem in doc["problems"]:
         w(f"  PROBLEM in {problem['where']}: {problem['problem']}\n")
 

@@ -54,6 +54,7 @@ import os
 import threading
 from typing import Any, Iterator, Optional, Union
 
+from ..device import Device
 from ..errors import KernelPanic
 from . import image as _image
 from .kho import Handover, PhysicalMemory
@@ -99,14 +100,12 @@ class Emulator:
         return cls(memory=_image.load(path))
 
     # -- user space -------------------------------------------------------------------
-    def open(self, path: str = "/dev/liveupdate", *, timeout: float = 0) -> Any:
+    def open(self, path: str = "/dev/liveupdate", *, timeout: float = 0) -> Device:
         """Open the emulated device: a :class:`liveupdate.Device`.
 
         Raises OSError: EBUSY (held, after ``timeout`` seconds), EIO (the
         previous kernel's sessions could not be restored), ENODEV (the
         kernel panicked)."""
-        from ..device import Device
-
         return Device._open_port(self.port, path, timeout)
 
     # -- the machine -------------------------------------------------------------------

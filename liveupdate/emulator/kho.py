@@ -254,12 +254,6 @@ class PhysicalMemory:
             pfn += 1
             offset = 0
 
-    def walk(self) -> "Iterator[object]":
-        """Decode this memory's handover (see :mod:`.walk`)."""
-        from .walk import walk
-
-        return walk(self)
-
     def read_u64(self, pa: int) -> int:
         return abi.U64.unpack(self.read(pa, 8))[0]
 

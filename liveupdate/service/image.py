@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 from typing import Optional
 
 from .._atomic import remove_stale_temporaries, temporary_path
@@ -28,7 +29,10 @@ def _checkpoint(point: str, fd: Optional[int]) -> None:
         return
     if fd is not None:
         os.fsync(fd)  # make the torn state what a crash would leave on disk
-    os.kill(os.getpid(), signal.SIGSTOP)
+    # Sent to this thread (the kexec runs on the service's worker thread),
+    # which then stops before its next step; a signal to the process could
+    # be taken by another thread while this one renames.
+    signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
 
 
 def write_atomically(path: str, data: bytes) -> None:

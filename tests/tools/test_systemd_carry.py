@@ -55,7 +55,9 @@ def start(store: FakeFdStore, service: str, work: Callable[[], Any]) -> Dict[str
                 os.close(source)
             os.environ.update(store.env())
             os.environ.update({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": str(len(fds)),
-                               "LISTEN_FDNAMES": ":".join(names), "LIVEUPDATE_EMULATOR": service})
+                               "LISTEN_FDNAMES": ":".join(names), "LIVEUPDATE_EMULATOR": service,
+                               # where /dev/liveupdate exists (the VM tier), auto would take it
+                               "LIVEUPDATE_BACKEND": "service"})
             result: Dict[str, Any] = {"ok": work()}
         except BaseException as exc:
             result = {"error": f"{type(exc).__name__}: {exc}", "errno": getattr(exc, "errno", None)}

@@ -47,12 +47,12 @@ __all__ = [
     "mapping_text",
 ]
 
+from .mapping import LUO_PROTOCOL_VERSION, MAPPING_MAX, parse_mapping
+
 log = logging.getLogger("liveupdate.emulator.systemd")
 
 LUO_SESSION_NAME = "systemd"
 LUO_MAPPING_INDEX = 0
-LUO_PROTOCOL_VERSION = 1
-_MAPPING_MAX = 16 << 20
 _SEALS = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
 
 
@@ -183,18 +183,15 @@ def restore_fd_stores(device: Any, dispatch: Callable[[str, str, int], None]) ->
     try:
         mapping_fd = session.retrieve(LUO_MAPPING_INDEX)
         try:
-            raw = os.pread(mapping_fd, _MAPPING_MAX + 1, 0)
+            raw = os.pread(mapping_fd, MAPPING_MAX + 1, 0)
         finally:
             os.close(mapping_fd)
-        try:
-            mapping = json.loads(raw.decode("utf-8")) if len(raw) <= _MAPPING_MAX else None
-        except (UnicodeDecodeError, ValueError):
-            mapping = None
-        if not isinstance(mapping, dict) or not isinstance(mapping.get("version"), int):
+        mapping, skipped = parse_mapping(raw)
+        if mapping is None:
             log.warning("Failed to parse LUO mapping JSON, skipping state restoration.")
             return result
         result["mapping"] = mapping
-        if mapping["version"] > LUO_PROTOCOL_VERSION:
+        if skipped is not None:
             log.warning("LUO mapping has unsupported version %d, skipping state restoration.", mapping["version"])
             return result
         state = mapping.get("state") if isinstance(mapping.get("state"), dict) else {}

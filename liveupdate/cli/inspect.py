@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         doc = decode(args.image)
     except OSError as exc:
         raise fail(exc, "give a file written by `liveupdate emulator serve --image` or Emulator.save_image()"
-                   if exc.errno == errno.ENOEXEC else None) from None
+                   if exc.errno in (errno.ENOEXEC, errno.EISDIR) else None) from None
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")

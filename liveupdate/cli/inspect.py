@@ -14,7 +14,7 @@ import errno
 import importlib
 import json
 import sys
-from typing import Any, Dict, TextIO
+from typing import Any, Callable, Dict, Optional, TextIO
 
 from ._common import fail
 from .inspect_systemd import SESSION as SYSTEMD_SESSION, render_mapping, systemd_mapping
@@ -49,7 +49,17 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def decode(image_path: str) -> Dict[str, Any]:
+def _progress(image_path: str) -> "Callable[[int, int], None]":
+    """Progress lines on stderr while a large image is read (the reader
+    reports every 64 MiB, so small images print none)."""
+    def report(done: int, total: int) -> None:
+        sys.stderr.write(f"liveupdate inspect: reading {image_path}: {done >> 20} of {total >> 20} MiB\n")
+        sys.stderr.flush()
+
+    return report
+
+
+def decode(image_path: str, progress: "Optional[Callable[[int, int], None]]" = None) -> Dict[str, Any]:
     """The image as plain data: ``{"image", "subtrees", "root", "chains",
     "sessions", "problems", "systemd"}``; sessions hold their files, files
     their memfd; ``systemd`` is the decoded mapping of a ``systemd`` session
@@ -62,7 +72,7 @@ def decode(image_path: str) -> Dict[str, Any]:
     # By module path: the emulator package re-exports the function walk()
     # under the same name as its module.
     walk = importlib.import_module("liveupdate.emulator.walk")
-    memory = load(image_path)
+    memory = load(image_path, progress)
     doc: Dict[str, Any] = {"image": image_path, "subtrees": [], "root": None, "chains": [], "sessions": [],
                            "problems": []}
     chains: Dict[str, Dict[str, Any]] = {}
@@ -136,7 +146,7 @@ def render_text(doc: Dict[str, Any], out: TextIO) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        doc = decode(args.image)
+        doc = decode(args.image, _progress(args.image))
     except OSError as exc:
         raise fail(exc, "give a file written by `liveupdate emulator serve --image` or Emulator.save_image()"
                    if exc.errno in (errno.ENOEXEC, errno.EISDIR) else None) from None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import Optional
+from typing import Any, Callable, Optional
 
 from .. import _abi
 from . import abi, luo_session

@@ -24,7 +24,6 @@ import random
 import struct
 from typing import Any, List, Tuple
 
-import pytest
 
 from liveupdate.cli import inspect as inspect_cli
 from liveupdate.emulator import Emulator, image, walk

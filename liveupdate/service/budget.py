@@ -81,6 +81,10 @@ def held_bytes(st: os.stat_result) -> int:
     grows the service. That is proportional to the apparent size (the
     kernel records every page, holes included)."""
     pages = -(-max(st.st_size, 0) // PAGE_SIZE)
+    if pages > 0xFFFFFFFF:
+        # Above the kernel's folio cap the preserve fails with EFBIG before
+        # anything is pinned: nothing to charge, and the kernel's errno wins.
+        return _BYTES_PER_FILE
     return _BYTES_PER_FILE + pages * _BYTES_PER_PAGE
 
 

@@ -164,7 +164,16 @@ def run_status(socket_path: Optional[str] = None, timeout: Optional[float] = Non
 
 
 def kexec_command(args: argparse.Namespace) -> int:
-    info = run_kexec(args.socket, args.timeout, say=lambda line: print(line, file=sys.stderr, flush=True))
+    from .kexec_progress import with_progress
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:  # where the service writes its image, for the progress lines
+        image = run_status(args.socket, args.timeout).get("image")
+    except OSError:
+        image = None  # the kexec itself reports why
+    info = with_progress(lambda: run_kexec(args.socket, args.timeout, say=say), image, say)
     image = f"; image {info['image']} written" if info.get("image") else ""
     sys.stdout.write(f"emulated kexec done: boot {info['boot']}{image}\n")
     return 0

@@ -13,6 +13,12 @@
 /* Longest session name the kernel stores, counting its terminating NUL. */
 #define LIVEUPDATE_SESSION_NAME_LENGTH 64
 
+/* The first command number of each file: the kernel indexes its table of
+ * device commands by (nr - LIVEUPDATE_CMD_BASE), of session commands by
+ * (nr - LIVEUPDATE_CMD_SESSION_BASE). */
+#define LIVEUPDATE_CMD_BASE 0x00
+#define LIVEUPDATE_CMD_SESSION_BASE 0x40
+
 /* Commands understood by /dev/liveupdate itself. */
 enum liveupdate_device_cmd {
     LIVEUPDATE_CMD_CREATE_SESSION = 0x00,

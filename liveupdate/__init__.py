@@ -13,7 +13,8 @@ finish it. Where the kernel has no device, the same API runs on an emulator.
 from __future__ import annotations
 
 from . import errors
-from .device import DEFAULT_PATH, Device, open
+from ._backends import open
+from .device import DEFAULT_PATH, Device
 from .errors import (BusyError, EmulatorFallbackWarning, InvalidArgumentError, KernelPanic, LiveUpdateError,
                      StaleHandleError)
 from .session import Session
@@ -35,7 +36,12 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str):
+TYPE_CHECKING = False  # typing is for annotations only (see device.py)
+if TYPE_CHECKING:
+    from .emulator import Emulator
+
+
+def __getattr__(name: str) -> type:
     # The emulator loads on first use so that programs on a real kernel
     # never import it.
     if name == "Emulator":

@@ -23,11 +23,19 @@ from __future__ import annotations
 import os
 import struct
 
+TYPE_CHECKING = False  # typing is for annotations only: a cheap import (see device.py)
+if TYPE_CHECKING:
+    from typing import Dict, Tuple
+
 __all__ = [
     "COMMAND_TABLE",
     "Command",
     "BY_NUMBER",
     "COMMANDS",
+    "CMD_BASE",
+    "IOC_NR",
+    "register",
+    "unregister",
     "check_layouts",
     "cdefs_path",
     "load_cdefs",
@@ -90,15 +98,35 @@ FINISH = struct.Struct("=II")
 GET_NAME = struct.Struct(f"=II{NAME_LENGTH}s")
 
 
+#: The first command number of each target (the kernel's table index is
+#: the command's _IOC_NR minus it).
+CMD_BASE = {"device": _C["LIVEUPDATE_CMD_BASE"], "session": _C["LIVEUPDATE_CMD_SESSION_BASE"]}
+
+
+def IOC_NR(cmd: int) -> int:
+    """_IOC_NR(): the command number in the low byte of a request."""
+    return cmd & 0xFF
+
+
 class Command:
-    """One row of the ioctl contract (see the module)."""
+    """One row of the ioctl contract (see the module).
 
-    __slots__ = ("name", "number", "ctype", "packer", "fields", "min_size", "target", "states", "fd_result")
+    ``nr`` is the command number, or the name of the cdefs constant that
+    holds it; ``last`` the last field the kernel needs (the minimum size is
+    where it ends); ``fd_result`` and ``fd_arg`` the offsets of a new fd in
+    the result and of the caller's fd in the argument, or None."""
 
-    def __init__(self, name: str, nr_name: str, ctype: str, packer: struct.Struct, fields: tuple,
-                 last: str, target: str, states: tuple, fd_result: "int | None") -> None:
+    __slots__ = ("name", "nr", "number", "ctype", "packer", "fields", "min_size", "target", "states",
+                 "fd_result", "fd_arg")
+
+    def __init__(self, name: str, nr: "int | str", ctype: str, packer: struct.Struct,
+                 fields: "Tuple[Tuple[str, int, int], ...]", last: str, target: str,
+                 states: "Tuple[str, ...]", fd_result: "int | None", fd_arg: "int | None" = None) -> None:
+        if target not in CMD_BASE:
+            raise ValueError(f"{name}: target must be 'device' or 'session', not {target!r}")
         self.name = name
-        self.number = _io(_C[nr_name])
+        self.nr = _C[nr] if isinstance(nr, str) else nr
+        self.number = _io(self.nr)
         self.ctype = ctype
         self.packer = packer
         #: (field, offset, size) in order; the packer's layout.
@@ -111,10 +139,17 @@ class Command:
         self.states = states
         #: offset of the new fd in the result, or None when there is none
         self.fd_result = fd_result
+        #: offset of an fd of the caller's in the argument, or None
+        self.fd_arg = fd_arg
 
     @property
     def size(self) -> int:
         return self.packer.size
+
+    @property
+    def index(self) -> int:
+        """The row's place in its target's table (nr minus the target's base)."""
+        return self.nr - CMD_BASE[self.target]
 
     def __repr__(self) -> str:
         return f"<Command {self.name} {self.number:#x}>"
@@ -125,14 +160,14 @@ _FD_TOKEN_FIELDS = (("size", 0, 4), ("fd", 4, 4), ("token", 8, 8))
 _ANY = ("outgoing", "incoming")
 
 #: The contract, a row per ioctl, in the uapi's order.
-COMMAND_TABLE = (
+COMMAND_TABLE: "Tuple[Command, ...]" = (
     Command("LIVEUPDATE_IOCTL_CREATE_SESSION", "LIVEUPDATE_CMD_CREATE_SESSION",
             "struct liveupdate_ioctl_create_session", CREATE_SESSION, _SESSION_FIELDS, "name", "device", (), 4),
     Command("LIVEUPDATE_IOCTL_RETRIEVE_SESSION", "LIVEUPDATE_CMD_RETRIEVE_SESSION",
             "struct liveupdate_ioctl_retrieve_session", RETRIEVE_SESSION, _SESSION_FIELDS, "name", "device", (), 4),
     Command("LIVEUPDATE_SESSION_PRESERVE_FD", "LIVEUPDATE_CMD_SESSION_PRESERVE_FD",
             "struct liveupdate_session_preserve_fd", PRESERVE_FD, _FD_TOKEN_FIELDS, "token", "session",
-            ("outgoing",), None),
+            ("outgoing",), None, fd_arg=4),
     Command("LIVEUPDATE_SESSION_RETRIEVE_FD", "LIVEUPDATE_CMD_SESSION_RETRIEVE_FD",
             "struct liveupdate_session_retrieve_fd", RETRIEVE_FD, _FD_TOKEN_FIELDS, "token", "session",
             ("incoming",), 4),
@@ -145,9 +180,9 @@ COMMAND_TABLE = (
 )
 
 #: ioctl number -> its row.
-BY_NUMBER = {command.number: command for command in COMMAND_TABLE}
+BY_NUMBER: "Dict[int, Command]" = {command.number: command for command in COMMAND_TABLE}
 #: Every command's number, by the name the uapi gives it.
-COMMANDS = {command.name: command.number for command in COMMAND_TABLE}
+COMMANDS: "Dict[str, int]" = {command.name: command.number for command in COMMAND_TABLE}
 
 IOCTL_CREATE_SESSION = COMMANDS["LIVEUPDATE_IOCTL_CREATE_SESSION"]
 IOCTL_RETRIEVE_SESSION = COMMANDS["LIVEUPDATE_IOCTL_RETRIEVE_SESSION"]
@@ -155,6 +190,30 @@ SESSION_PRESERVE_FD = COMMANDS["LIVEUPDATE_SESSION_PRESERVE_FD"]
 SESSION_RETRIEVE_FD = COMMANDS["LIVEUPDATE_SESSION_RETRIEVE_FD"]
 SESSION_FINISH = COMMANDS["LIVEUPDATE_SESSION_FINISH"]
 SESSION_GET_NAME = COMMANDS["LIVEUPDATE_SESSION_GET_NAME"]
+
+
+def register(command: Command) -> None:
+    """Add a row to the contract at run time: a command of a development
+    kernel, or a test's. Every reader (the emulator's tables, the service's
+    fd rules) sees it from the next call on. Raises ValueError if its number
+    or name is taken."""
+    global COMMAND_TABLE
+    if command.number in BY_NUMBER or command.name in COMMANDS:
+        raise ValueError(f"{command!r}: its number or name is in the table already")
+    COMMAND_TABLE = COMMAND_TABLE + (command,)
+    BY_NUMBER[command.number] = command
+    COMMANDS[command.name] = command.number
+
+
+def unregister(command: Command) -> None:
+    """Take a row added with :func:`register` out again."""
+    global COMMAND_TABLE
+    if BY_NUMBER.get(command.number) is not command:
+        raise ValueError(f"{command!r} is not in the table")
+    COMMAND_TABLE = tuple(c for c in COMMAND_TABLE if c is not command)
+    del BY_NUMBER[command.number]
+    del COMMANDS[command.name]
+
 
 #: struct name -> (packer, [(field, offset)]) for the layout check.
 LAYOUTS = {c.ctype: (c.packer, [(f, o) for f, o, _ in c.fields]) for c in COMMAND_TABLE}

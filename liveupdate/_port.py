@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-__all__ = ["Port", "DevicePort", "DEVICE", "register_recognizer", "recognize", "fd_link"]
+__all__ = ["DevicePort", "DEVICE", "register_recognizer", "recognize", "fd_link"]
 
 TYPE_CHECKING = False  # typing is for annotations only (see errors.py)
 if TYPE_CHECKING:
@@ -40,10 +40,8 @@ if TYPE_CHECKING:
         def close(self, fd: int) -> None: ...
 
     Recognizer = Callable[[int, str], Optional[Port]]
-else:
-    class Port:
-        """The port contract (see the module doc). At run time this is only a
-        name: ports are duck-typed, and checkers see the Protocol."""
+# At run time Port is no name at all: ports are duck-typed, and only type
+# checkers (and the string annotations they read) see the Protocol.
 
 
 class DevicePort:

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import errno
 import struct
-import warnings
 # Typing names are for annotations only (strings, under the __future__
 # import): importing typing would cost every program's start (it pulls in
 # re, enum, functools ...), which a daemon's blackout after a kexec includes.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Optional
+    from typing import Any, Dict, Optional
 
 from . import _abi, _args, _port, errors
+from ._handle import Handle
 
 __all__ = ["Session"]
 
@@ -32,7 +32,7 @@ _STATE_PROBE = _pack_fd_token(_PROBE_SIZE, -1, 0) + bytes(_PROBE_SIZE - _FD_TOKE
 _PROBED_STATE = {errno.E2BIG: "outgoing", errno.EBADF: "outgoing", errno.EINVAL: "incoming"}
 
 
-class Session:
+class Session(Handle):
     """A session fd of ``/dev/liveupdate`` (or of an emulator).
 
     Made by :meth:`Device.create_session` (an *outgoing* session: preserve
@@ -46,7 +46,8 @@ class Session:
     So keep the Session (or its fd) open until the kexec.
     """
 
-    __slots__ = ("_port", "_fd", "_name", "_state", "__weakref__")
+    __slots__ = ("_name", "_state")
+    _kind = "session"
 
     def __init__(self) -> None:
         raise TypeError("sessions come from Device.create_session(), Device.retrieve_session() "
@@ -175,37 +176,13 @@ class Session:
 
     # -- plumbing ----------------------------------------------------------
 
-    def _call(self, cmd: int, arg: bytes, op: str, **args: Any) -> bytes:
-        try:
-            return self._port.ioctl(self._fd, cmd, arg)
-        except (OSError, ValueError) as exc:
-            return self._retry(exc, cmd, arg, op, **args)
-
-    def _retry(self, exc: Exception, cmd: int, arg: bytes, op: str, **args: Any) -> bytes:
-        # Slow path only: a failed call lands here, so the hot path pays for
-        # neither the loop nor the closed check (fcntl refuses fd -1 with a
-        # ValueError, which is how a closed session shows up).
-        while True:
-            if self._fd < 0:
-                raise errors.make(errno.EBADF, op, "the session is closed", session=self._shown_name(), **args) from None
-            if not isinstance(exc, OSError):
-                raise exc
-            if exc.errno != errno.EINTR:
-                raise errors.wrap(exc, op, session=self._shown_name(), **args) from None
-            try:
-                return self._port.ioctl(self._fd, cmd, arg)
-            except OSError as again:
-                exc = again
+    def _op_args(self) -> "Dict[str, Any]":
+        return {"session": self._shown_name()}
 
     def _shown_name(self) -> str:
         if self._name is None:
             return f"<fd {self._fd}>"
         return self._name.decode("utf-8", "surrogateescape")
-
-    @property
-    def backend(self) -> str:
-        """Which kernel serves this session: "device", "emulator" or "service"."""
-        return self._port.kind
 
     @property
     def state(self) -> str:
@@ -214,16 +191,6 @@ class Session:
         (finished through this handle), "closed", or "unknown" (adopted with
         :meth:`from_fd` from a kernel that answered neither way)."""
         return "closed" if self._fd < 0 else self._state
-
-    @property
-    def closed(self) -> bool:
-        return self._fd < 0
-
-    def fileno(self) -> int:
-        """The session fd. Raises ValueError once closed or detached, as files do."""
-        if self._fd < 0:
-            raise ValueError("I/O operation on a closed session")
-        return self._fd
 
     def detach(self) -> int:
         """Give up the fd without closing it (for SCM_RIGHTS, systemd's fd store,
@@ -236,20 +203,7 @@ class Session:
         """Close the session fd; a no-op when already closed. Closing the last
         fd of an outgoing session stops preserving its files; of an incoming
         session, finishes it."""
-        fd = self._fd
-        if fd < 0:
-            return
-        self._fd = -1
-        try:
-            self._port.close(fd)
-        except OSError as exc:
-            raise errors.wrap(exc, "close", session=self._shown_name(), fd=fd) from None
-
-    def __enter__(self) -> "Session":
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
+        Handle.close(self)
 
     def __repr__(self) -> str:
         # Uses the cached name: a repr must not call into the kernel.
@@ -257,14 +211,6 @@ class Session:
         if self._fd < 0:
             return f"<liveupdate.Session {name} closed backend={self._port.kind}>"
         return f"<liveupdate.Session {name} fd={self._fd} {self._state} backend={self._port.kind}>"
-
-    def __del__(self) -> None:
-        if getattr(self, "_fd", -1) >= 0:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
-            try:
-                self.close()
-            except OSError:
-                pass
 
 
 class _Built(Session):

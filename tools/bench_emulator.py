@@ -20,10 +20,23 @@ and says so. Default run: about a minute or two on a 2-core machine.
 
     python tools/bench_emulator.py                 # 1,000 vs 100,000
     python tools/bench_emulator.py --large 20000   # quicker
+    python tools/bench_emulator.py --memfd         # only the large-memfd section
+
+A third section, large memfds (VM memory): one sparse memfd (ftruncate,
+never written) of 1 GiB and of 16 GiB, each in a fresh child process,
+preserved in an in-process Emulator, kexec'd, retrieved and finished, then
+the same through an image file (kexec(image=), Emulator.from_image, a
+retrieve that copies). It prints each step's wall time, the per-GiB cost at
+both sizes and their ratio (target <= 1.2), the 16 GiB cycle's time (target:
+a few seconds) and peak RSS growth (target <= 128 MiB), and the resident
+memory after finish against the start. Wall time here, not CPU time: a
+sparse memfd's cost is mostly the host kernel's (page tables, copies).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
 import errno
 import gc
 import os
@@ -206,6 +219,119 @@ def fmt(seconds: float) -> str:
     return f"{seconds * 1e6:9.2f} us"
 
 
+MEMFD_TARGET_RATIO = 1.2
+MEMFD_TARGET_RSS_MIB = 128
+GIB = 1 << 30
+
+
+def _rss() -> int:
+    """Resident bytes of this process now."""
+    with open("/proc/self/statm") as src:
+        return int(src.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memfd_cycle(gib: int, image_dir: str) -> Dict[str, float]:
+    """One sparse memfd of ``gib`` GiB through preserve, kexec, retrieve and
+    finish in process, then through an image file. Runs in a fresh child
+    (peak RSS is per process); returns seconds per step and bytes of RSS."""
+    gc.collect()
+    start_rss = _rss()
+    out: Dict[str, float] = {}
+    wall = time.perf_counter
+
+    def step(name: str, fn: Callable[[], object]) -> object:
+        t = wall()
+        result = fn()
+        out[name] = wall() - t
+        return result
+
+    emu = Emulator()
+    dev = emu.open()
+    session = dev.create_session("vm-memory")
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, gib * GIB)
+    step("preserve", lambda: session.preserve(fd, 1))
+    os.close(fd)
+    dev.close()
+    step("kexec", emu.kexec)
+    session.close()
+    dev = emu.open()
+    incoming = dev.retrieve_session("vm-memory")
+    new = step("retrieve", lambda: incoming.retrieve(1))
+    step("finish", incoming.finish)
+    assert os.fstat(new).st_size == gib * GIB  # type: ignore[arg-type]
+    os.close(new)  # type: ignore[arg-type]
+    incoming.close()
+    dev.close()
+    gc.collect()
+    out["cycle"] = out["preserve"] + out["kexec"] + out["retrieve"] + out["finish"]
+    out["peak_rss_growth"] = _peak_rss() - start_rss
+    out["rss_after_finish"] = _rss() - start_rss
+    # Through an image: the kexec writes it, a new emulator boots from it
+    # and the retrieve copies the pages into a new memfd.
+    path = os.path.join(image_dir, f"bench-{gib}g.img")
+    dev = emu.open()
+    session = dev.create_session("vm-memory")
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, gib * GIB)
+    os.pwrite(fd, b"guest", 0)
+    session.preserve(fd, 1)
+    os.close(fd)
+    dev.close()
+    step("kexec(image=)", lambda: emu.kexec(image=path))
+    out["image_bytes"] = os.path.getsize(path)
+    booted = step("from_image", lambda: Emulator.from_image(path))
+    dev = booted.open()  # type: ignore[attr-defined]
+    incoming = dev.retrieve_session("vm-memory")
+    new = step("retrieve (copy)", lambda: incoming.retrieve(1))
+    step("finish (image)", incoming.finish)
+    assert os.pread(new, 5, 0) == b"guest" and os.fstat(new).st_size == gib * GIB  # type: ignore[arg-type]
+    os.close(new)  # type: ignore[arg-type]
+    incoming.close()
+    dev.close()
+    os.unlink(path)
+    out["image_cycle"] = out["kexec(image=)"] + out["from_image"] + out["retrieve (copy)"] + out["finish (image)"]
+    return out
+
+
+def run_memfd_child(gib: int, image_dir: str) -> Dict[str, float]:
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--memfd-child", str(gib), image_dir],
+                          capture_output=True, text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"bench_emulator: the {gib} GiB child failed:\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_memfd(small: int, large: int, image_dir: str) -> bool:
+    """The large-memfd section; True when every target is met."""
+    runs = {gib: run_memfd_child(gib, image_dir) for gib in (small, large)}
+    steps = ["preserve", "kexec", "retrieve", "finish", "cycle", "kexec(image=)", "from_image", "retrieve (copy)",
+             "finish (image)", "image_cycle"]
+    print(f"\nlarge sparse memfd, {small} GiB vs {large} GiB (wall time, fresh process each)")
+    print(f"{'step':<18} {small:>4} GiB {'per GiB':>10} {large:>5} GiB {'per GiB':>10} {'ratio':>6}")
+    worst = 0.0
+    for name in steps:
+        a, b = runs[small][name], runs[large][name]
+        pa, pb = a / small, b / large
+        ratio = pb / pa if pa > 0 else float("inf")
+        if name in ("cycle", "image_cycle"):
+            worst = max(worst, ratio)
+        print(f"{name:<18} {a:8.3f} s {pa * 1e3:7.1f} ms {b:8.3f} s {pb * 1e3:7.1f} ms {ratio:6.2f}")
+    big = runs[large]
+    mib = 1 << 20
+    print(f"image of {large} GiB: {big['image_bytes'] / mib:.1f} MiB on disk")
+    print(f"{large} GiB cycle: {big['cycle']:.2f} s; through an image: {big['image_cycle']:.2f} s")
+    print(f"{large} GiB peak RSS growth: {big['peak_rss_growth'] / mib:.1f} MiB (target <= {MEMFD_TARGET_RSS_MIB}); "
+          f"after finish: {big['rss_after_finish'] / mib:+.1f} MiB against the start")
+    ok = worst <= MEMFD_TARGET_RATIO and big["peak_rss_growth"] <= MEMFD_TARGET_RSS_MIB * mib
+    print(f"worst per-GiB ratio {worst:.2f} (target <= {MEMFD_TARGET_RATIO}): {'ok' if ok else 'TOO HIGH'}")
+    return ok
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", type=int, default=1_000, help="baseline size (default 1,000)")
@@ -213,7 +339,19 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5, help="runs of the small size; the median is used")
     parser.add_argument("--no-gc", action="store_true",
                         help="disable Python's cyclic garbage collector while timing (shows its share of the growth)")
+    parser.add_argument("--memfd", action="store_true", help="run only the large-memfd section")
+    parser.add_argument("--no-memfd", action="store_true", help="skip the large-memfd section")
+    parser.add_argument("--memfd-gib", type=int, nargs=2, default=(1, 16), metavar=("SMALL", "LARGE"),
+                        help="memfd sizes in GiB (default 1 16)")
+    parser.add_argument("--image-dir", default=os.environ.get("TMPDIR", "/tmp"),
+                        help="where the image cycle writes its image (default $TMPDIR or /tmp)")
+    parser.add_argument("--memfd-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memfd_child:
+        print(json.dumps(memfd_cycle(int(args.memfd_child[0]), args.memfd_child[1])))
+        return 0
+    if args.memfd:
+        return 0 if bench_memfd(args.memfd_gib[0], args.memfd_gib[1], args.image_dir) else 1
     global COLLECT
     COLLECT = not args.no_gc
     sessions_large = raise_nofile(args.large)
@@ -237,6 +375,8 @@ def main() -> int:
         print(f"{op:<34} {small_n:>8,} {fmt(small):>12} {large_n:>8,} {fmt(large):>12} {ratio:6.2f}")
     verdict = "ok" if worst <= TARGET else "TOO HIGH"
     print(f"worst large/small ratio: {worst:.2f} (target <= {TARGET}): {verdict}")
+    if not args.no_memfd:
+        bench_memfd(args.memfd_gib[0], args.memfd_gib[1], args.image_dir)
     return 0
 
 

@@ -22,13 +22,15 @@ import argparse
 import errno
 import json
 import os
+import re
 import signal
 import stat
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 import liveupdate
 
+from .. import _timeout
+from . import hold_record
 from ._common import CommandError, fail
 
 __all__ = ["add_parser", "state_dir"]
@@ -40,12 +42,23 @@ def add_parser(subparsers: Any) -> None:
     hold = subparsers.add_parser(
         "hold",
         help="preserve files in a new session and keep it alive until the kexec",
-        description=__doc__.split("\n\n")[1],
+        # Written out, not taken from __doc__: python -OO strips docstrings,
+        # and --help is plain text, not the docstring's markup.
+        description="Create session NAME, preserve the files in it and leave a small background process "
+        "holding the session until the kexec (`liveupdate release NAME` stops it). Each FILE is the path "
+        "of a memfd (/proc/PID/fd/N), an inherited fd (fd:N), or with --copy any readable file copied into "
+        "a new memfd; TOKEN=FILE gives its token (decimal or 0x hex), the others get the next free number "
+        "from 0.",
     )
     hold.add_argument("name", metavar="NAME", help="session name (1 to 63 bytes)")
     hold.add_argument("files", metavar="[TOKEN=]FILE", nargs="+",
                       help="a memfd path (/proc/PID/fd/N), fd:N for an inherited fd, or any file with --copy")
     hold.add_argument("--copy", action="store_true", help="copy files that are not memfds into new memfds")
+    # argparse reads any word that starts with '-' and is not a negative
+    # number as an option, so "-1=FILE" would be "unrecognized arguments".
+    # hold has no option that starts with a digit: a '-' and a digit is a
+    # TOKEN=FILE (whose token _parse_token then refuses with its reason).
+    hold._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d[^=]*=")
     _common_options(hold)
     hold.set_defaults(func=run_hold)
 
@@ -62,8 +75,9 @@ def add_parser(subparsers: Any) -> None:
 def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--emulator", metavar="SOCKET", help="use the emulator service at SOCKET")
     parser.add_argument("--state-dir", metavar="DIR", help="where holders keep their records")
-    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
-                        help="how long to wait for the device if another process holds it (default 10)")
+    parser.add_argument("--timeout", type=_timeout.argument, default=10.0, metavar="SECONDS",
+                        help="how long to wait for the device if another process holds it (default 10; inf: "
+                             "for ever)")
 
 
 def state_dir(explicit: Optional[str] = None) -> str:
@@ -174,7 +188,15 @@ def _files(specs: List[str], copy: bool) -> List[Tuple[int, int, str]]:
 
 def _open_device(args: argparse.Namespace) -> liveupdate.Device:
     if args.emulator:
-        return liveupdate.open(emulator=args.emulator, timeout=args.timeout)
+        try:
+            return liveupdate.open(emulator=args.emulator, timeout=args.timeout)
+        except OSError as exc:
+            # open()'s message names the device path it was given
+            # (/dev/liveupdate), which is not what --emulator asked for.
+            if exc.errno in (errno.ENOENT, errno.ECONNREFUSED):
+                raise CommandError(f"no emulator service is listening at {args.emulator}",
+                                   f"start one with: liveupdate emulator serve --socket {args.emulator}") from None
+            raise
     if not os.path.exists(liveupdate.DEFAULT_PATH) and not os.environ.get("LIVEUPDATE_EMULATOR"):
         raise CommandError(
             f"no {liveupdate.DEFAULT_PATH} here, and an in-process emulator would die with the holder",
@@ -187,7 +209,9 @@ def run_hold(args: argparse.Namespace) -> int:
     directory = state_dir(args.state_dir)
     os.makedirs(directory, mode=0o700, exist_ok=True)
     record = _record_path(directory, args.name)
-    if _holder_alive(record) is not None:
+    found = _holder_alive(record)
+    if found is not None:
+        found[1].close()
         raise CommandError(f"session {args.name!r} is already held", f"`liveupdate release {args.name}` first")
     files = _files(args.files, args.copy)
     # The holder reports back through this pipe: "ok" or one error line.
@@ -235,8 +259,15 @@ def _hold(args: argparse.Namespace, files: List[Tuple[int, int, str]], record: s
         return 1
     for _, fd, _ in files:
         os.close(fd)  # the session holds the files now
-    _write_record(record, {"pid": os.getpid(), "session": args.name, "backend": session.backend,
-                           "tokens": [token for token, _, _ in files], "since": time.time()})
+    service, service_boot = _service_boot(args) if session.backend == "service" else (None, None)
+    try:
+        hold_record.write(record, os.getpid(), args.name, [token for token, _, _ in files],
+                          backend=session.backend, service=service, service_boot=service_boot)
+    except OSError as exc:
+        session.close()
+        error = fail(exc, "the holder's record could not be written; check the state directory")
+        os.write(report_fd, json.dumps({"message": error.message, "hint": error.hint}).encode())
+        return 1
     stop = {"now": False}
 
     def _on_signal(signum: int, frame: Any) -> None:
@@ -261,48 +292,75 @@ def _hold(args: argparse.Namespace, files: List[Tuple[int, int, str]], record: s
     return 0
 
 
-def _write_record(path: str, data: Dict[str, Any]) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as out:
-        json.dump(data, out)
-    os.replace(tmp, path)
+def _service_path(args: argparse.Namespace) -> Optional[str]:
+    return args.emulator or os.environ.get("LIVEUPDATE_EMULATOR") or None
 
 
-def _holder_alive(record: str) -> Optional[Dict[str, Any]]:
-    """The record of a running holder, or None (a stale record is removed)."""
+def _service_boot(args: argparse.Namespace) -> Tuple[Optional[str], Optional[int]]:
+    """(socket, boot number) of the emulator service now, so that release
+    can tell a session dropped from one handed over at an emulated kexec."""
+    path = _service_path(args)
+    if path is None:
+        return None, None
+    from ..service import client
+
     try:
-        with open(record) as src:
-            data = json.load(src)
-        pid = int(data["pid"])
-    except FileNotFoundError:
-        return None
-    except (ValueError, KeyError, OSError):
+        boot = client.status(path, timeout=args.timeout)["boot"]
+    except (OSError, KeyError, TypeError):
+        return path, None
+    return path, boot if isinstance(boot, int) else None
+
+
+def _remove(record: str) -> None:
+    try:
         os.unlink(record)
+    except FileNotFoundError:
+        pass
+
+
+def _holder_alive(record: str) -> Optional[Tuple[Dict[str, Any], hold_record.Holder]]:
+    """The record and the running holder it names, or None (a stale record,
+    whose process is gone, is removed). Raises CommandError for a record
+    that is not one."""
+    data = hold_record.read(record)
+    if data is None:
         return None
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as src:
-            cmdline = src.read()
-    except OSError:
-        cmdline = b""
-    if b"hold" not in cmdline:
-        os.unlink(record)  # that process is gone (or the pid was reused)
+    holder = hold_record.find(data)
+    if holder is None:
+        _remove(record)  # that process is gone (its pid may be another's now)
         return None
-    return data
+    return data, holder
+
+
+def _fate(data: Dict[str, Any]) -> str:
+    """What became of the files, as far as this process can tell."""
+    count = f"its {len(data['tokens'])} file(s)"
+    then, path = data.get("service_boot"), data.get("service")
+    if isinstance(then, int) and isinstance(path, str):
+        from ..service import client
+
+        try:
+            now = client.status(path, timeout=5.0).get("boot")
+        except OSError:
+            now = None
+        if isinstance(now, int) and now != then:
+            return (f"{count} were handed over at the emulated kexec (boot {then} -> {now}), so the holder "
+                    f"held only a stale handle: retrieve the session in the new boot")
+    return f"{count} are no longer preserved"
 
 
 def run_release(args: argparse.Namespace) -> int:
     record = _record_path(state_dir(args.state_dir), args.name)
-    data = _holder_alive(record)
-    if data is None:
+    found = _holder_alive(record)
+    if found is None:
         raise CommandError(f"session {args.name!r} is not held here", "`liveupdate hold NAME FILE...` holds one")
-    pid = int(data["pid"])
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT
-    while os.path.exists(record) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if os.path.exists(record):
-        raise CommandError(f"holder {pid} of {args.name!r} did not stop within {STOP_TIMEOUT:g} s",
-                           f"kill {pid} stops it too")
-    print(f"released session {args.name!r} (holder {pid} stopped; its {len(data['tokens'])} file(s) are no longer "
-          f"preserved)")
+    data, holder = found
+    with holder:
+        holder.terminate()
+        stopped = holder.wait(STOP_TIMEOUT)
+    if not stopped:
+        raise CommandError(f"holder {holder.pid} of {args.name!r} did not stop within {STOP_TIMEOUT:g} s",
+                           f"kill {holder.pid} stops it too")
+    _remove(record)  # the holder removes it itself, unless it was killed meanwhile
+    print(f"released session {args.name!r} (holder {holder.pid} stopped; {_fate(data)})")
     return 0

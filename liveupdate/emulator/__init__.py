@@ -54,6 +54,7 @@ import os
 import threading
 from typing import Any, Iterator, Optional, Union
 
+from ..device import Device
 from ..errors import KernelPanic
 from . import image as _image
 from .kho import Handover, PhysicalMemory
@@ -99,36 +100,45 @@ class Emulator:
         return cls(memory=_image.load(path))
 
     # -- user space -------------------------------------------------------------------
-    def open(self, path: str = "/dev/liveupdate", *, timeout: float = 0) -> Any:
+    def open(self, path: str = "/dev/liveupdate", *, timeout: float = 0) -> Device:
         """Open the emulated device: a :class:`liveupdate.Device`.
 
         Raises OSError: EBUSY (held, after ``timeout`` seconds), EIO (the
         previous kernel's sessions could not be restored), ENODEV (the
         kernel panicked)."""
-        from ..device import Device
-
         return Device._open_port(self.port, path, timeout)
 
     # -- the machine -------------------------------------------------------------------
-    def kexec(self, *, image: Optional[PathLike] = None) -> None:
+    def kexec(self, *, image: Optional[PathLike] = None, image_checkpoint: Any = None,
+              image_progress: Any = None) -> None:
         """Reboot into a new emulated kernel through the live update path.
 
-        Serializes every outgoing session into preserved memory, hands the
-        memory over (only preserved pages survive), optionally writes it to
-        ``image`` (atomically), and boots a new kernel from the memory
+        Serializes every outgoing session into preserved memory, optionally
+        writes what will be handed over to ``image`` (atomically; durable
+        before anything is committed), hands the memory over (only
+        preserved pages survive) and boots a new kernel from the memory
         alone. Every handle of the old kernel then fails with ESTALE.
 
-        Raises OSError if serialization fails (the old kernel keeps
-        running, as reboot() fails); KernelPanic if the new kernel cannot
-        boot from what was handed over (``kernel`` is then None)."""
+        Raises OSError if serialization fails or the image cannot be
+        written (ENOSPC, EROFS ...): the old kernel keeps running and its
+        handles stay valid, as reboot() fails, and the file at ``image``
+        keeps the previous handover. KernelPanic if the new kernel cannot
+        boot from what was handed over (``kernel`` is then None).
+        ``image_checkpoint`` and ``image_progress`` are passed to
+        :func:`.image.save` (the service's fault points and progress)."""
         with self.port.lock:
             kernel = self._running()
             self.port.reap()  # fds closed without the port knowing: released before reboot
-            kernel.reboot()
+            writer = None
+            if image is not None:
+                path = image
+
+                def writer(handover: Handover) -> None:
+                    _image.save(path, handover, image_checkpoint, image_progress)
+
+            kernel.reboot(writer)
             self.port.retire(kernel)
             self.kexecs += 1
-            if image is not None:
-                _image.save(image, self.memory.handover)
             self.kernel = None
             self.kernel = Kernel.boot(self.memory)
 

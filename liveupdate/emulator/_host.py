@@ -10,10 +10,9 @@ from typing import Callable, Dict, Optional
 
 import cffi
 
-__all__ = ["fs_magic", "kernel_fd", "kernel_dup", "kernel_pipe", "TMPFS_MAGIC", "HUGETLBFS_MAGIC", "F_ADD_SEALS", "F_GET_SEALS", "MAX_LFS_FILESIZE"]
+__all__ = ["fs_magic", "kernel_fd", "kernel_dup", "kernel_pipe", "TMPFS_MAGIC", "F_ADD_SEALS", "F_GET_SEALS", "MAX_LFS_FILESIZE"]
 
 TMPFS_MAGIC = 0x01021994
-HUGETLBFS_MAGIC = 0x958458F6
 # fcntl commands for seals (F_LINUX_SPECIFIC_BASE + 9 / + 10).
 F_ADD_SEALS = 1033
 F_GET_SEALS = 1034

@@ -73,9 +73,6 @@ class BlockSet:
     def nblocks(self) -> int:
         return len(self.blocks)
 
-    def is_empty(self) -> bool:
-        return not self.blocks
-
     def capacity(self) -> int:
         return len(self.blocks) * self.count_per_block
 

@@ -24,19 +24,26 @@ from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 from . import abi
 from .kfile import KernelFile
+from .kho import KHO
 from .kho_block import BlockSet
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .luo_core import Kernel
-
-__all__ = ["FileOpArgs", "LuoFile", "FileSet", "LuoFiles", "preserve_file", "unpreserve_files", "freeze",
+__all__ = ["KernelParts", "FileOpArgs", "LuoFile", "FileSet", "LuoFiles", "preserve_file", "unpreserve_files", "freeze",
            "unfreeze", "retrieve_file", "finish", "deserialize"]
 
 log = logging.getLogger("liveupdate.emulator.luo_file")
+
+
+class KernelParts(Protocol):
+    """What the file and session code uses of a kernel (luo_core.Kernel):
+    named here, not imported, so that luo_core, which builds on this
+    module, is not imported back by it."""
+
+    kho: KHO
+    files: "LuoFiles"
 
 
 class FileOpArgs:
@@ -92,7 +99,7 @@ class FileSet:
     # session, which matters for a kernel with 100,000 of them.
     __slots__ = ("files", "by_token", "_block_set", "_kho", "count", "duplicates")
 
-    def __init__(self, kernel: "Kernel") -> None:
+    def __init__(self, kernel: "KernelParts") -> None:
         # A shared empty tuple until the first file (see BlockSet.blocks).
         self.files: "List[LuoFile] | Tuple[LuoFile, ...]" = ()
         # First file with each token: a corrupted incoming set may repeat a
@@ -144,7 +151,7 @@ class LuoFiles:
     """The kernel-wide file state: registered handlers and the index of
     files preserved (or retrieved and not finished) by any session."""
 
-    def __init__(self, kernel: "Kernel") -> None:
+    def __init__(self, kernel: "KernelParts") -> None:
         self.kernel = kernel
         self.handlers: List[Any] = []
         self.preserved: Dict[Any, "tuple[KernelFile, FileSet]"] = {}

@@ -28,18 +28,24 @@ for every later open.
 
 Names are found through dicts (insertion ordered, so serialization keeps
 creation order) rather than the kernel's list walk.
+
+The session ioctls are here, as in the kernel: :meth:`SessionGlobal.ioctl`
+dispatches through :data:`.ioctl_op.SESSION_OPS`, whose rows come from the
+command table and whose handlers are the ``@SESSION_OPS.handles`` functions
+at the end of this module.
 """
 from __future__ import annotations
 
 import errno
 import logging
-from typing import TYPE_CHECKING, Dict
+from typing import Dict
 
+from .. import _abi
 from . import abi, luo_file
+from .ioctl_op import SESSION_OPS, FdTable
 from .kho_block import BlockSet
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .luo_core import Kernel
+from .luo_file import KernelParts as Kernel
+from .ucmd import Ucmd
 
 __all__ = ["LuoSession", "SessionHeader", "SessionGlobal"]
 
@@ -167,6 +173,18 @@ class SessionGlobal:
     def finish(self, session: LuoSession) -> None:
         luo_file.finish(self.kernel.files, session.file_set)
 
+    def ioctl(self, session: LuoSession, cmd: int, arg: bytes, fds: FdTable) -> bytes:
+        """luo_session_ioctl(): the shared checks (see :mod:`.ioctl_op`),
+        the session's kind against the row's, then the row's handler.
+        Raises OSError."""
+        row, execute, user_size = SESSION_OPS.find(cmd, arg)
+        if session.state not in row.states:
+            raise OSError(errno.EINVAL, f"{row.name} works on {' and '.join(row.states)} sessions; "
+                                        f"this one is {session.state}")
+        ucmd = SESSION_OPS.ucmd(row, arg, user_size)
+        execute(self, session, ucmd, fds)
+        return ucmd.respond(row.size)
+
     # -- boot and reboot -------------------------------------------------------------
     def setup_outgoing(self, sessions_pa_at: int) -> None:
         self.sessions_pa_at = sessions_pa_at
@@ -233,3 +251,66 @@ class SessionGlobal:
             memory.write(entry, abi.strscpy(session.name, abi.NAME_LENGTH))
         if header.count > 0:
             memory.write_u64(self.sessions_pa_at, header.block_set.head_pa)
+
+    def unserialize(self) -> None:
+        """Undo a :meth:`serialize` that succeeded, when what follows it
+        fails (the emulator's image write): every session unfrozen and its
+        entry cleared, as the kernel's error path does, and no session chain
+        in the root. The old kernel then runs on as if no reboot was tried."""
+        header = self.outgoing
+        memory = self.kernel.kho.memory
+        it = header.block_set.iterator()
+        slots = [it.reserve_entry() for _ in header.sessions]
+        for session, slot in reversed(list(zip(header.sessions.values(), slots))):
+            if slot is None:
+                continue
+            luo_file.unfreeze(session.file_set, slot + abi.NAME_LENGTH)
+            memory.write(slot, bytes(abi.NAME_LENGTH))
+        memory.write_u64(self.sessions_pa_at, 0)
+
+# -- the session ioctls (luo_session.c), bound to the command table's rows ------
+
+#: Where GET_NAME's name field starts, from the row's layout.
+_NAME_AT = {f: o for f, o, _ in _abi.BY_NUMBER[_abi.SESSION_GET_NAME].fields}["name"]
+
+
+@SESSION_OPS.handles("LIVEUPDATE_SESSION_PRESERVE_FD")
+def _preserve_fd(sessions: SessionGlobal, session: LuoSession, ucmd: Ucmd, fds: FdTable) -> None:
+    _size, fd, token = _abi.PRESERVE_FD.unpack(ucmd.cmd)
+    sessions.preserve_fd(session, token, fd)
+
+
+@SESSION_OPS.handles("LIVEUPDATE_SESSION_RETRIEVE_FD")
+def _retrieve_fd(sessions: SessionGlobal, session: LuoSession, ucmd: Ucmd, fds: FdTable) -> None:
+    _size, _fd, token = _abi.RETRIEVE_FD.unpack(ucmd.cmd)
+    newfd = fds.reserve_file_fd()
+    try:
+        file = sessions.retrieve_fd(session, token)
+    except BaseException:
+        fds.put_unused_fd(newfd)
+        raise
+    ucmd.cmd[:] = _abi.RETRIEVE_FD.pack(_size, newfd, token)
+    fds.install_file(newfd, file)
+
+
+@SESSION_OPS.handles("LIVEUPDATE_SESSION_FINISH")
+def _finish(sessions: SessionGlobal, session: LuoSession, ucmd: Ucmd, fds: FdTable) -> None:
+    if _abi.FINISH.unpack(ucmd.cmd)[1]:
+        raise OSError(errno.EINVAL, "the reserved field must be zero")
+    sessions.finish(session)
+
+
+@SESSION_OPS.handles("LIVEUPDATE_SESSION_GET_NAME")
+def _get_name(sessions: SessionGlobal, session: LuoSession, ucmd: Ucmd, fds: FdTable) -> None:
+    if _abi.GET_NAME.unpack(ucmd.cmd)[1]:
+        raise OSError(errno.EINVAL, "the reserved field must be zero")
+    _strscpy_into(ucmd.cmd, _NAME_AT, session.name, abi.NAME_LENGTH)
+
+
+def _strscpy_into(buf: bytearray, offset: int, name: bytes, size: int) -> None:
+    """strscpy() into the caller's struct as the kernel's word-at-a-time
+    copy leaves it (x86-64, arm64): the name, its NUL, zeros to the end of
+    the 8-byte word that holds the NUL, and the caller's bytes after that."""
+    name = name[: size - 1]
+    end = min(size, (len(name) // 8 + 1) * 8)
+    buf[offset : offset + end] = name.ljust(end, b"\0")

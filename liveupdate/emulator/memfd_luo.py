@@ -46,16 +46,18 @@ the write seals, as in the kernel).
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import fcntl
 import os
 import stat
 import warnings
-from typing import Any, Container, List, Optional, Set, Tuple
+from typing import Any, Container, List, Optional, Tuple
 
 from . import _host, abi
+from .folio_runs import ENTRIES_PER_PAGE, Run, table_runs
 from .kfile import KernelFile
-from .kho import KHO, PAGE_SHIFT, PAGE_SIZE, Backing, FolioPage
+from .kho import KHO, PAGE_SHIFT, PAGE_SIZE, Backing
 
 __all__ = ["MemfdHandler"]
 
@@ -100,7 +102,8 @@ class MemfdHandler:
 
     # -- before the kexec -----------------------------------------------------
     def preserve(self, args: Any) -> None:
-        """Raises OSError: EOPNOTSUPP (unknown seals), EFBIG (too many pages)."""
+        """Raises OSError: EOPNOTSUPP (unknown seals), EFBIG (more than
+        2**32-1 pages), ENOMEM (more pages than this machine could pin)."""
         # The caller's fd is valid for the whole preserve call.
         kho, memory, fd = self.kho, self.kho.memory, args.fd
         ser_pa = kho.alloc_preserve(abi.MEMFD_SER.size)
@@ -114,10 +117,13 @@ class MemfdHandler:
             npages = -(-size // PAGE_SIZE)
             if npages > _MAX_FOLIOS:
                 raise OSError(errno.EFBIG, f"the memfd has {npages} pages; at most {_MAX_FOLIOS} can be preserved")
-            if npages > _host_pages():
-                # The kernel pins a page for every index, holes included, and
-                # runs out of memory long before; so does the emulator.
-                raise OSError(errno.ENOMEM, f"the memfd has {npages} pages, more than this machine's RAM")
+            pinned = kho.pinned_pages()
+            if npages and pinned + npages > _host_pages():
+                # The kernel pins a page for every index, holes included,
+                # and fails when it cannot allocate them: so does the
+                # emulator, counting the pages it already holds pinned.
+                raise OSError(errno.ENOMEM, f"the memfd has {npages} pages; with the {pinned} already pinned "
+                                            f"that is more than this machine's {_host_pages()} pages of RAM")
         except BaseException:
             kho.unpreserve_free(ser_pa)
             raise
@@ -126,9 +132,8 @@ class MemfdHandler:
         if npages:
             backing = Backing(args.file, (st.st_dev, st.st_ino))
             first = kho.preserve_folios(backing, npages)
-            pack = abi.folio_pack
-            table = b"".join([pack(first + i, _FOLIO_FLAGS, i) for i in range(npages)])
-            area = kho.vmalloc(table)
+            # The folio array (16 bytes a page) as runs: no step per page.
+            area = kho.vmalloc_folio_table(first, _FOLIO_FLAGS, npages)
             desc = kho.preserve_vmalloc(area)
             private = _Private(area, first, npages, size, seals)
         memory.write(ser_pa, abi.MEMFD_SER.pack(pos, size, seals, 0, npages, desc))
@@ -169,12 +174,23 @@ class MemfdHandler:
         private: _Private = args.private_data
         if private.npages:
             kho.unpreserve_vmalloc(desc)
-            for pfn in range(private.first_pfn, private.first_pfn + private.npages):
-                kho.unpreserve_folio(pfn)
+            kho.unpreserve_folios(private.first_pfn)
             kho.vfree(private.area)
         kho.unpreserve_free(args.serialized_data)
 
     # -- after the kexec --------------------------------------------------------
+    def _folio_runs(self, nr_folios: int, desc: bytes) -> Optional[Tuple[List[Run], List[int]]]:
+        """The folio array of a record as runs, and its area's pfns (to
+        vfree); None when the array cannot be restored."""
+        restored = self.kho.restore_vmalloc(desc)
+        if restored is None:
+            return None
+        pages, area = restored
+        # The kernel trusts nr_folios; entries past the area would be out
+        # of bounds there. Here they do not exist.
+        count = min(nr_folios, len(pages) * ENTRIES_PER_PAGE)
+        return table_runs(pages, count), area
+
     def retrieve(self, args: Any) -> None:
         """Raises OSError: EINVAL (no record, bad folio array), EOPNOTSUPP
         (unknown seals), EIO (a folio that was not handed over), EEXIST (two
@@ -188,45 +204,49 @@ class MemfdHandler:
             pos, size, seals, _flags, nr_folios, desc = abi.MEMFD_SER.unpack(kho.memory.read(ser_pa, abi.MEMFD_SER.size))
             if seals & ~abi.MEMFD_LUO_ALL_SEALS:
                 raise OSError(errno.EOPNOTSUPP, f"the record has seals {seals:#x} unknown to memfd-v2")
-            folios: List[Tuple[int, int, int]] = []
+            runs: List[Run] = []
             area: List[int] = []
             if nr_folios:
-                restored = kho.restore_vmalloc(desc)
-                if restored is None:
+                decoded = self._folio_runs(nr_folios, desc)
+                if decoded is None:
                     raise OSError(errno.EINVAL, "the memfd's folio array cannot be restored")
-                table, area = restored
-                # The kernel trusts nr_folios; entries past the area would be
-                # out of bounds there. Here they do not exist.
-                count = min(nr_folios, len(table) // abi.FOLIO_SER.size)
-                folios = [abi.folio_unpack(table, i * abi.FOLIO_SER.size) for i in range(count)]
+                runs, area = decoded
             try:
-                file = self._reuse(folios, pos, size, seals)
+                file = self._reuse(runs, pos, size, seals)
                 if file is None:
-                    file = self._build(folios, pos, size, seals)
+                    file = self._build(runs, pos, size, seals)
             finally:
                 kho.vfree(area)
             args.file = file
         finally:
             kho.restore_free(ser_pa)
 
-    def _reuse(self, folios: List[Tuple[int, int, int]], pos: int, size: int, seals: int) -> Optional[KernelFile]:
+    def _reuse(self, runs: List[Run], pos: int, size: int, seals: int) -> Optional[KernelFile]:
         """The no-copy path: reopen the memfd whose own pages these are."""
         npages = -(-size // PAGE_SIZE)
-        if not folios or len(folios) != npages or pos > _host.MAX_LFS_FILESIZE:
+        if not runs or pos > _host.MAX_LFS_FILESIZE or sum(run[3] for run in runs) != npages:
             return None
-        kho, pages = self.kho, self.kho.memory.pages
+        kho = self.kho
         backing: Optional[Backing] = None
-        for i, (pfn, flags, index) in enumerate(folios):
-            page = pages.get(pfn)
-            if (index != i or not flags & abi.MEMFD_LUO_FOLIO_UPTODATE or pfn not in kho.incoming
-                    or not isinstance(page, FolioPage) or page.index != i):
+        expect = 0
+        for pfn, flags, index, count in runs:
+            if index != expect or not pfn or not flags & abi.MEMFD_LUO_FOLIO_UPTODATE:
+                return None
+            run = kho.incoming_folios.find(pfn)
+            if run is None or pfn + count > run.end:
+                return None
+            off = pfn - run.pfn
+            if run.index + off != index or run.live.find(0, off, off + count) >= 0:
+                return None
+            if kho.claimed and any(p in kho.claimed for p in range(pfn, pfn + count)):
                 return None
             if backing is None:
-                backing = page.backing
-            elif page.backing is not backing:
+                backing = run.backing
+            elif run.backing is not backing:
                 return None
+            expect += count
         assert backing is not None
-        if backing.ino in self.in_use:
+        if not backing.reusable or backing.ino in self.in_use:
             return None
         kept = backing.file
         try:
@@ -250,36 +270,35 @@ class MemfdHandler:
         except OSError:
             os.close(newfd)
             return None
-        for pfn, _flags, _index in folios:
-            kho.restore_folio(pfn << PAGE_SHIFT)
+        for pfn, _flags, _index, count in runs:
+            kho.restore_folios(pfn, count)
         return file
 
-    def _build(self, folios: List[Tuple[int, int, int]], pos: int, size: int, seals: int) -> KernelFile:
-        """The general path: a new memfd filled from the restored pages."""
+    def _build(self, runs: List[Run], pos: int, size: int, seals: int) -> KernelFile:
+        """The general path: a new memfd filled from the restored pages,
+        run by run (holes and zero pages of the source are not written)."""
         kho = self.kho
         fd = _host.kernel_fd(_new_memfd)
         try:
             if size > _host.MAX_LFS_FILESIZE:
                 raise OSError(errno.EFBIG, f"size {size} cannot be represented by the host")
             os.ftruncate(fd, size)
-            seen: Set[int] = set()
-            for i, (pfn, flags, index) in enumerate(folios):
+            seen = _Indexes()
+            for k, (pfn, flags, index, count) in enumerate(runs):
                 if not pfn:
                     continue
-                page = kho.restore_folio(pfn << PAGE_SHIFT)
-                if page is None:
-                    self._put_rest(folios, i + 1)
-                    raise OSError(errno.EIO, f"folio at {pfn << PAGE_SHIFT:#x} was not preserved")
-                if index in seen:
-                    self._put_rest(folios, i + 1)
-                    raise OSError(errno.EEXIST, f"two folios for page {index}")
-                seen.add(index)
-                offset = index * PAGE_SIZE
-                if flags & abi.MEMFD_LUO_FOLIO_UPTODATE and offset < size:
-                    data = _page_data(page)
-                    data = data[: min(PAGE_SIZE, size - offset)]
-                    if data.count(0) != len(data):
-                        os.pwrite(fd, data, offset)
+                done, segments = kho.restore_folios(pfn, count)
+                dup = seen.first_in(index, done)
+                if dup is not None:
+                    # As the kernel: the page restored, then found taken.
+                    self._put_rest(runs, k, done)
+                    raise OSError(errno.EEXIST, f"two folios for page {dup}")
+                if done < count:
+                    self._put_rest(runs, k, done + 1)
+                    raise OSError(errno.EIO, f"folio at {(pfn + done) << PAGE_SHIFT:#x} was not preserved")
+                seen.add(index, count)
+                if flags & abi.MEMFD_LUO_FOLIO_UPTODATE:
+                    _fill(fd, index, segments, size)
             if pos <= _host.MAX_LFS_FILESIZE:
                 os.lseek(fd, pos, os.SEEK_SET)
             if seals:
@@ -289,10 +308,13 @@ class MemfdHandler:
             raise
         return KernelFile.adopt(fd)
 
-    def _put_rest(self, folios: List[Tuple[int, int, int]], start: int) -> None:
-        for pfn, _flags, _index in folios[start:]:
+    def _put_rest(self, runs: List[Run], k: int, skip: int) -> None:
+        """Restore (give back) every folio after the first ``skip`` entries
+        of run ``k``, ignoring those that cannot be: an unwind."""
+        for pfn, _flags, _index, count in runs[k:]:
             if pfn:
-                self.kho.restore_folio(pfn << PAGE_SHIFT)
+                _restore_all(self.kho, pfn + skip, count - skip)
+            skip = 0
 
     def finish(self, args: Any) -> None:
         """Give back the pages of a file never retrieved."""
@@ -302,22 +324,102 @@ class MemfdHandler:
         ser_pa = args.serialized_data
         nr_folios, desc = abi.MEMFD_SER.unpack(kho.memory.read(ser_pa, abi.MEMFD_SER.size))[4:]
         if nr_folios:
-            restored = kho.restore_vmalloc(desc)
-            if restored is not None:
-                table, area = restored
-                count = min(nr_folios, len(table) // abi.FOLIO_SER.size)
-                for i in range(count):
-                    pfn = abi.folio_unpack(table, i * abi.FOLIO_SER.size)[0]
-                    if pfn and kho.restore_folio(pfn << PAGE_SHIFT) is None:
-                        pass  # the kernel only warns (rate-limited) here
+            decoded = self._folio_runs(nr_folios, desc)
+            if decoded is not None:
+                runs, area = decoded
+                # The kernel only warns (rate-limited) for a folio it cannot restore.
+                self._put_rest(runs, 0, 0)
                 kho.vfree(area)
         kho.restore_free(ser_pa)
 
 
-def _page_data(page: Any) -> bytes:
-    if isinstance(page, FolioPage):
-        return page.backing.read(page.index)
-    return bytes(page).ljust(PAGE_SIZE, b"\0")
+class _Indexes:
+    """File page indexes already filled: sorted disjoint intervals, appended
+    to in O(1) when they come in order (they always do from preserve)."""
+
+    __slots__ = ("starts", "ends")
+
+    def __init__(self) -> None:
+        self.starts: List[int] = []
+        self.ends: List[int] = []
+
+    def first_in(self, start: int, count: int) -> Optional[int]:
+        """The first index of ``start .. start + count - 1`` already seen."""
+        if count <= 0 or not self.starts:
+            return None
+        i = bisect.bisect_right(self.starts, start) - 1
+        if i >= 0 and self.ends[i] > start:
+            return start
+        if i + 1 < len(self.starts) and self.starts[i + 1] < start + count:
+            return self.starts[i + 1]
+        return None
+
+    def add(self, start: int, count: int) -> None:
+        if self.ends and self.ends[-1] == start:
+            self.ends[-1] += count
+            return
+        i = bisect.bisect_right(self.starts, start)
+        self.starts.insert(i, start)
+        self.ends.insert(i, start + count)
+
+
+def _restore_all(kho: KHO, pfn: int, count: int) -> None:
+    """Restore whatever of ``pfn .. pfn + count - 1`` can be, skipping the
+    pages that cannot (each restore stops at one)."""
+    end = pfn + count
+    while pfn < end:
+        done, _segments = kho.restore_folios(pfn, end - pfn)
+        pfn += done + 1
+
+
+_CHUNK = 1 << 20
+
+
+def _fill(fd: int, index: int, segments: List[Any], size: int) -> None:
+    """Write the restored pages ``segments`` at page ``index`` of ``fd``
+    (cut at ``size``), skipping what reads as zeros: holes of the source
+    (SEEK_DATA) and zero chunks, as the new memfd's holes read as zeros."""
+    for segment in segments:
+        offset = index * PAGE_SIZE
+        if isinstance(segment, tuple):
+            run, off, count = segment
+            if offset < size:
+                _copy_pages(run.backing, run.index + off, fd, offset, min(count * PAGE_SIZE, size - offset))
+            index += count
+            continue
+        if offset < size:
+            data = bytes(segment) if isinstance(segment, bytearray) else segment.tobytes()
+            data = data[: min(PAGE_SIZE, size - offset)]
+            if data.count(0) != len(data):
+                os.pwrite(fd, data, offset)
+        index += 1
+
+
+def _copy_pages(backing: Backing, page: int, dst: int, dst_off: int, length: int) -> None:
+    if not backing.file.alive:
+        return
+    src = backing.file.borrow()
+    try:
+        base = page * PAGE_SIZE
+        pos, end = base, base + length
+        while pos < end:
+            try:
+                pos = os.lseek(src, pos, os.SEEK_DATA)
+                hole = os.lseek(src, pos, os.SEEK_HOLE)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return  # nothing but holes from here
+                raise
+            stop = min(end, hole)
+            while pos < stop:
+                chunk = os.pread(src, min(_CHUNK, stop - pos), pos)
+                if not chunk:
+                    return  # the source is shorter: the rest reads as zeros
+                if chunk.count(0) != len(chunk):
+                    os.pwrite(dst, chunk, dst_off + pos - base)
+                pos += len(chunk)
+    finally:
+        backing.file.give_back(src)
 
 
 #: MFD_EXEC (Linux 6.3): the kernel's memfd_alloc_file() makes a 0777 inode

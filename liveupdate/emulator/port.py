@@ -37,19 +37,24 @@ import os
 import select
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Protocol, Tuple
 
 from .. import _port
 from . import _host
 from .luo_core import Kernel
-
-if TYPE_CHECKING:  # pragma: no cover
-    from . import Emulator
-    from .luo_session import LuoSession
+from .luo_session import LuoSession
 
 __all__ = ["EmulatorPort", "Handle"]
 
 Key = Tuple[int, int]
+
+
+class Machine(Protocol):
+    """What the port uses of its :class:`~liveupdate.emulator.Emulator`: the
+    running kernel (None after a panic). Named here, not imported, so that
+    the emulator package, which builds on this module, is not imported back."""
+
+    kernel: Optional[Kernel]
 
 
 class Handle:
@@ -132,14 +137,14 @@ class EmulatorPort:
 
     kind = "emulator"
 
-    def __init__(self, emulator: "Emulator") -> None:
+    def __init__(self, emulator: Machine) -> None:
         self._emulator = weakref.ref(emulator)
         self.lock = threading.RLock()
         self.handles: Dict[Key, Handle] = {}
         _ports.add(self)
 
     @property
-    def emulator(self) -> "Emulator":
+    def emulator(self) -> Machine:
         emu = self._emulator()
         if emu is None:
             raise OSError(errno.ENODEV, "the emulator behind this port is gone")

@@ -15,16 +15,23 @@ yields records in memory order of discovery::
     ...
     Problem(where, message)   # whatever does not check out, instead of raising
 
-It never raises for corrupted contents and never loops: chains stop at a
-page seen before or after the kernel's block cap. Example (REPL)::
+It never raises for corrupted contents and never loops, and its work is
+bounded by the memory it decodes: every page is visited once. Chains stop at
+a page seen before or after the kernel's block cap; a block, a memfd record
+or a folio array page that another record already reached (sessions sharing
+one files chain, files sharing one memfd record: what the kernel refuses,
+since a page restores only once) is reported as a Problem, not decoded
+again. ``Memfd.folios`` is a :class:`~.folio_runs.FolioTable`: equal to the
+tuple of (pfn, flags, index) entries, kept as runs. Example (REPL)::
 
     >>> for record in liveupdate.emulator.walk(emu): print(record)
 """
 from __future__ import annotations
 
-from typing import Iterator, List, NamedTuple, Set, Tuple, Union
+from typing import Dict, Iterator, List, NamedTuple, Set, Tuple, Union
 
 from . import abi, kho_block
+from .folio_runs import ENTRIES_PER_PAGE, FolioTable
 from .kho import PAGE_SHIFT, PAGE_SIZE, Handover, PhysicalMemory
 
 __all__ = ["walk", "Subtree", "Root", "Block", "Session", "File", "Memfd", "Problem"]
@@ -76,7 +83,7 @@ class Memfd(NamedTuple):
     seals: int
     flags: int
     nr_folios: int
-    folios: Tuple[Tuple[int, int, int], ...]  # (pfn, flags, index)
+    folios: "FolioTable | Tuple[Tuple[int, int, int], ...]"  # (pfn, flags, index)
 
 
 class Problem(NamedTuple):
@@ -94,13 +101,16 @@ def _memory_of(source: object) -> Tuple[PhysicalMemory, Handover]:
     if not isinstance(handover, Handover):
         raise TypeError(f"walk() takes an Emulator, a PhysicalMemory or a Handover, not {type(source).__name__}")
     view = PhysicalMemory()
-    view.pages = handover.pages  # read-only use: the handover's pages as handed over
+    # Read-only use: the handover's pages as handed over.
+    view.pages = handover.pages
+    view.folios = handover.folios
     return view, handover
 
 
 def _chain(memory: PhysicalMemory, head: int, entry_size: int, label: str,
-           out: List[Record]) -> List[int]:
-    """Blocks of a chain (appended to ``out``); the entries' addresses."""
+           out: List[Record], visited: Dict[int, str]) -> List[int]:
+    """Blocks of a chain (appended to ``out``); the entries' addresses.
+    ``visited``: the pages of the whole walk so far, and who reached them."""
     capacity = kho_block.count_per_block(entry_size)
     entries: List[int] = []
     seen: Set[int] = set()
@@ -112,8 +122,14 @@ def _chain(memory: PhysicalMemory, head: int, entry_size: int, label: str,
         if index >= kho_block.KHO_MAX_BLOCKS:
             out.append(Problem(label, f"longer than the {kho_block.KHO_MAX_BLOCKS}-block cap"))
             break
+        owner = visited.get(pa >> PAGE_SHIFT)
+        if owner is not None:
+            out.append(Problem(label, f"block {index} at {pa:#x} is a page of {owner} too (a page restores "
+                                      f"only once): not decoded again"))
+            break
+        visited[pa >> PAGE_SHIFT] = label
         seen.add(pa)
-        if (pa >> PAGE_SHIFT) not in memory.pages:
+        if not memory.has_page(pa >> PAGE_SHIFT):
             out.append(Problem(label, f"block {index} at {pa:#x} is not preserved memory"))
         nxt, count = abi.BLOCK_HEADER.unpack(memory.read(pa, abi.BLOCK_HEADER.size))
         out.append(Block(label, index, pa, nxt, count, capacity))
@@ -125,15 +141,24 @@ def _chain(memory: PhysicalMemory, head: int, entry_size: int, label: str,
     return entries
 
 
-def _memfd(memory: PhysicalMemory, pa: int, token: int) -> List[Record]:
+def _memfd(memory: PhysicalMemory, pa: int, token: int, visited: Dict[int, str]) -> List[Record]:
     out: List[Record] = []
+    where = f"memfd token {token}"
+    owner = visited.get(pa >> PAGE_SHIFT)
+    if owner is not None:
+        return [Problem(where, f"record at {pa:#x} is a page of {owner} too (a page restores only once): "
+                               f"not decoded again")]
+    visited[pa >> PAGE_SHIFT] = where
     pos, size, seals, flags, nr, desc = abi.MEMFD_SER.unpack(memory.read(pa, abi.MEMFD_SER.size))
     first, total, _vm_flags, order = abi.KHO_VMALLOC.unpack(desc)
     pages: List[int] = []
-    seen: Set[int] = set()
     chunk = first
-    while chunk and chunk not in seen and len(pages) <= total:
-        seen.add(chunk)
+    shared = False
+    while chunk and len(pages) <= total:
+        if chunk >> PAGE_SHIFT in visited:
+            shared = True
+            break
+        visited[chunk >> PAGE_SHIFT] = f"the folio array of {where}"
         raw = memory.read(chunk, PAGE_SIZE)
         for i in range(abi.KHO_VMALLOC_SIZE):
             phys = abi.U64.unpack_from(raw, 8 + 8 * i)[0]
@@ -142,14 +167,26 @@ def _memfd(memory: PhysicalMemory, pa: int, token: int) -> List[Record]:
             pages.append(phys)
         chunk = abi.U64.unpack_from(raw, 0)[0]
     if chunk:
-        out.append(Problem(f"memfd token {token}", "folio array chunks form a cycle or overflow"))
+        out.append(Problem(where, "folio array chunks form a cycle, overflow or are shared" if not shared else
+                           f"folio array chunk at {chunk:#x} was reached before (a page restores only once)"))
     if len(pages) != total:
-        out.append(Problem(f"memfd token {token}", f"folio array lists {len(pages)} pages, descriptor says {total}"))
-    table = b"".join(memory.read(p, PAGE_SIZE) for p in pages[: max(0, total)])
-    count = min(nr, len(table) // abi.FOLIO_SER.size)
+        out.append(Problem(where, f"folio array lists {len(pages)} pages, descriptor says {total}"))
+    # Only as many pages as the entries claimed need, each once.
+    wanted = min(max(0, total), -(-nr // ENTRIES_PER_PAGE))
+    objects: List[object] = []
+    for phys in pages[:wanted]:
+        pfn = phys >> PAGE_SHIFT
+        if pfn in visited or (phys % PAGE_SIZE and pfn + 1 in visited):
+            out.append(Problem(where, f"folio array page at {phys:#x} was reached before (a page restores only "
+                                      f"once): the array stops there"))
+            break
+        visited[pfn] = f"the folio array of {where}"
+        page = memory.pages.get(pfn) if not phys % PAGE_SIZE else None
+        objects.append(page if page is not None else memory.read(phys, PAGE_SIZE))
+    folios = FolioTable(objects, min(nr, len(objects) * ENTRIES_PER_PAGE))
+    count = len(folios)
     if count != nr:
-        out.append(Problem(f"memfd token {token}", f"{nr} folios claimed, the array holds {count}"))
-    folios = tuple(abi.folio_unpack(table, i * abi.FOLIO_SER.size) for i in range(count))
+        out.append(Problem(where, f"{nr} folios claimed, the array holds {count}"))
     out.insert(0, Memfd(pa, token, pos, size, seals, flags, nr, folios))
     return out
 
@@ -170,7 +207,8 @@ def walk(source: object) -> Iterator[Record]:
     if compatible != abi.LUO_ABI_COMPATIBLE.ljust(abi.LUO_ABI_COMPAT_LEN, b"\0"):
         yield Problem("root", f"compatible {abi.cstr(compatible)!r} is not 'luo-v5'")
     records: List[Record] = []
-    session_entries = _chain(memory, sessions_pa, abi.SESSION_SER.size, "sessions", records)
+    visited: Dict[int, str] = {root_pa >> PAGE_SHIFT: "the LUO root"}
+    session_entries = _chain(memory, sessions_pa, abi.SESSION_SER.size, "sessions", records, visited)
     yield from records
     for entry in session_entries:
         name, files_pa, files_count = abi.SESSION_SER.unpack(memory.read(entry, abi.SESSION_SER.size))
@@ -178,7 +216,7 @@ def walk(source: object) -> Iterator[Record]:
         yield Session(entry, name, files_pa, files_count)
         records = []
         label = f"files of {name.decode('utf-8', 'backslashreplace')!r}"
-        file_entries = _chain(memory, files_pa, abi.FILE_SER.size, label, records)
+        file_entries = _chain(memory, files_pa, abi.FILE_SER.size, label, records, visited)
         yield from records
         if len(file_entries) != files_count:
             yield Problem(label, f"{len(file_entries)} files in the blocks, the session says {files_count}")
@@ -186,6 +224,6 @@ def walk(source: object) -> Iterator[Record]:
             fcompat, data, token = abi.FILE_SER.unpack(memory.read(fentry, abi.FILE_SER.size))
             yield File(fentry, name, abi.cstr(fcompat), token, data)
             if fcompat[:9] == abi.MEMFD_LUO_FH_COMPATIBLE + b"\0" and data:
-                yield from _memfd(memory, data, token)
+                yield from _memfd(memory, data, token, visited)
             elif fcompat[:9] != abi.MEMFD_LUO_FH_COMPATIBLE + b"\0":
                 yield Problem(label, f"token {token}: no handler for {abi.cstr(fcompat)!r}")

@@ -113,16 +113,17 @@ def default_limits(memory_per_client: Optional[int] = None, memory_total: Option
                    fds_per_client: Optional[int] = None, fds_total: Optional[int] = None) -> Limits:
     """The budgets for this machine, with any of them given explicitly:
     in all, a quarter of the physical memory and the soft RLIMIT_NOFILE
-    less :data:`FD_HEADROOM`; each client, half the memory total and a
-    quarter of the fd total (so one greedy client leaves the others at
-    least half the memory and three quarters of the fds).
+    less :data:`FD_HEADROOM`; each client, half of each total (so one
+    greedy client leaves the others at least half, and a client can still
+    hold the 2,000 sessions of the kernel's own stress selftest, 3 fds each,
+    under a hard limit of 20,000).
 
     Raises OSError EINVAL for a negative budget, or a client's budget above
     the total."""
     mem_total = _physical_memory() // 4 if memory_total is None else memory_total
     fd_total = max(_fd_limit() - FD_HEADROOM, 1) if fds_total is None else fds_total
     limits = Limits(mem_total // 2 if memory_per_client is None else memory_per_client, mem_total,
-                    max(fd_total // 4, 1) if fds_per_client is None else fds_per_client, fd_total)
+                    max(fd_total // 2, 1) if fds_per_client is None else fds_per_client, fd_total)
     for name, value in limits._asdict().items():
         if value < 0:
             raise OSError(errno.EINVAL, f"budget {name}={value} is negative")

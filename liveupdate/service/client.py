@@ -12,8 +12,9 @@ Errors are the kernel's: the service sends the emulated kernel's errno and
 this port raises ``OSError`` with it. A few errnos are the service's own:
 ESTALE (a handle from before an emulated kexec), ECONNREFUSED / ENOENT (no
 service at that path), EPIPE / ECONNRESET (the service went away),
-ETIMEDOUT (it did not answer in time), EACCES (not a uid it serves), EPROTO
-(a peer that does not speak this protocol).
+ETIMEDOUT (it did not answer in time), EACCES (not a uid it serves, or a
+listener that is neither this user nor root: checked with SO_PEERCRED before
+anything is sent), EPROTO (a peer that does not speak this protocol).
 """
 from __future__ import annotations
 
@@ -24,10 +25,11 @@ import select
 import socket
 import struct
 import threading
-import time
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _abi, _port
+from .. import _timeout as _seconds
+from .._timeout import poll_ms
 from . import protocol as P
 
 __all__ = ["ServicePort", "port_for", "kexec", "status", "is_session_socket", "DEFAULT_TIMEOUT", "TIMEOUT_ENV"]
@@ -42,14 +44,21 @@ _IOCTL_ARG_MAX = 1024
 _FD_FIELD = struct.Struct("=i")
 _SEND_FLAGS = socket.MSG_NOSIGNAL
 _RECV_FLAGS = socket.MSG_CMSG_CLOEXEC
-_FD_RESULT = (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION, _abi.SESSION_RETRIEVE_FD)
+# Which commands carry an fd in or out, and where: the command table's
+# fd_arg and fd_result (liveupdate._abi), read at each call so that a row
+# added at run time (_abi.register) is relayed like the others.
+_BY_NUMBER = _abi.BY_NUMBER
 
 
-def _timeout() -> float:
-    try:
-        return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT))
-    except ValueError:
+def _timeout(timeout: Optional[float], op: str) -> float:
+    """The caller's timeout, else $LIVEUPDATE_EMULATOR_TIMEOUT, else the
+    default; inf waits for ever. EINVAL for NaN, negatives and non-numbers."""
+    if timeout is not None:
+        return _seconds.seconds(timeout, op)
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
         return DEFAULT_TIMEOUT
+    return _seconds.from_text(text, op, TIMEOUT_ENV)
 
 
 def _wrap_fd(fd: int) -> socket.socket:
@@ -84,7 +93,7 @@ class ServicePort:
 
         Raises OSError: EBUSY (another process holds the emulated device),
         ENOENT / ECONNREFUSED (no service at the socket path), EACCES (the
-        service does not serve this uid), EIO (its kernel failed to boot)."""
+        service does not serve this uid, or its listener is another uid's), EIO (its kernel failed to boot)."""
         if self.path is None:
             raise OSError(errno.ENODEV, "this port only serves adopted session fds; name the service socket")
         sock = self._connect()
@@ -109,11 +118,14 @@ class ServicePort:
         arg = bytes(arg)
         if len(arg) > _IOCTL_ARG_MAX:
             raise ValueError("ioctl string arg too long")
-        if cmd in _FD_RESULT:
+        row = _BY_NUMBER.get(cmd)
+        fd_at = None if row is None else row.fd_result
+        if fd_at is not None:
             _reserve_fd_slot(fd)
         fd_in = None
-        if cmd == _abi.SESSION_PRESERVE_FD and len(arg) >= 8:
-            fd_in = _FD_FIELD.unpack_from(arg, 4)[0]
+        arg_at = None if row is None else row.fd_arg
+        if arg_at is not None and len(arg) >= arg_at + 4:
+            fd_in = _FD_FIELD.unpack_from(arg, arg_at)[0]
             if fd_in < 0:
                 fd_in = None
         direct = self._owner.get(fd) == os.getpid()
@@ -126,13 +138,13 @@ class ServicePort:
                 raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY)) from None
             raise
         if fd_out is not None:
-            if cmd not in _FD_RESULT or len(out) < 8:
+            if row is None or fd_at is None or len(out) < fd_at + 4:
                 os.close(fd_out)
                 raise OSError(errno.EPROTO, "the emulator service sent an fd with a result that has none")
-            out = out[:4] + _FD_FIELD.pack(fd_out) + out[8:]
-            if cmd != _abi.SESSION_RETRIEVE_FD:
+            out = out[:fd_at] + _FD_FIELD.pack(fd_out) + out[fd_at + 4:]
+            if row.target == "device":  # a new session: a handle of this process
                 self._owner[fd_out] = os.getpid()
-        elif cmd in _FD_RESULT:
+        elif fd_at is not None:
             # The service made the fd but it never arrived: the fd table of
             # this process is full (the kernel says EMFILE up front).
             raise OSError(errno.EMFILE, "no fd could be received from the emulator service")
@@ -161,6 +173,11 @@ class ServicePort:
                                          f"(start one with: liveupdate emulator serve --socket {self.path})") from None
             raise OSError(exc.errno, f"cannot connect to the emulator service at {self.path}: "
                                      f"{os.strerror(exc.errno or 0)}") from None
+        try:
+            _check_listener(sock, self.path)
+        except BaseException:
+            sock.close()
+            raise
         return sock
 
     def _next_seq(self) -> int:
@@ -170,8 +187,7 @@ class ServicePort:
     def _call(self, fd: int, op: int, value: int, payload: bytes, direct: bool,
               fd_in: Optional[int] = None, timeout: Optional[float] = None) -> Tuple[bytes, Optional[int]]:
         """Send one request on ``fd`` and wait for its reply: (payload, fd)."""
-        if timeout is None:
-            timeout = _timeout()
+        timeout = _timeout(timeout, "emulator service call")
         if direct:
             with self._lock:
                 return self._exchange(fd, op, value, payload, fd_in, None, timeout)
@@ -222,6 +238,35 @@ class ServicePort:
             raise _transport_error(exc, self.path) from None
         finally:
             sock.detach()
+
+
+_UCRED = struct.Struct("=iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
+
+
+def listener_credentials(sock: socket.socket) -> Tuple[int, int, int]:
+    """(pid, uid, gid) of the process that listens at the other end of the
+    connected unix socket ``sock`` (SO_PEERCRED: as of its listen())."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return pid, uid, gid
+
+
+def _check_listener(sock: socket.socket, path: str) -> None:
+    """Refuse a listener that is neither this user nor root, before a
+    single byte (or fd) is sent: in a directory others can write, another
+    uid may have bound the socket path first and would receive our
+    sessions and memfds."""
+    try:
+        pid, uid, _ = listener_credentials(sock)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot tell who listens at {path} (SO_PEERCRED): "
+                                 f"{os.strerror(exc.errno or 0)}") from None
+    mine = os.geteuid()
+    if uid not in (mine, 0):
+        raise OSError(errno.EACCES, f"the socket {path} is served by uid {uid} (pid {pid}), neither this user "
+                                    f"(uid {mine}) nor root: refusing to send it anything; another user may have "
+                                    f"taken the path first, so keep the socket in a directory only you can write "
+                                    f"(e.g. $XDG_RUNTIME_DIR)")
 
 
 def _reserve_fd_slot(fd: int) -> None:
@@ -282,12 +327,15 @@ def _raise_refusal(sock: socket.socket) -> None:
 def _await_reply(sock: socket.socket, seq: int, timeout: float) -> Tuple[bytes, Optional[int]]:
     """Wait (bounded) for the reply numbered ``seq``; raise its errno if it
     is an error. Replies to earlier, abandoned requests are discarded."""
-    deadline = time.monotonic() + timeout
+    deadline = _seconds.deadline_after(timeout, "emulator service call")
     poller = select.poll()
     poller.register(sock.fileno(), select.POLLIN)
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not poller.poll(remaining * 1000):
+        # poll_ms caps one wait at a C int of ms: a huge timeout loops here.
+        wait_ms = poll_ms(deadline)
+        if wait_ms == 0 or not poller.poll(wait_ms):
+            if wait_ms != 0 and _seconds.remaining(deadline) > 0:
+                continue
             raise OSError(errno.ETIMEDOUT, f"the emulator service did not answer within {timeout:g} s "
                                            f"(set {TIMEOUT_ENV} to wait longer)")
         try:

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import sys
 from typing import Any, Callable, Dict, Optional, TextIO
 
+from .. import _timeout
 from . import budget, client, paths
 
 __all__ = ["add_arguments", "serve", "run_kexec", "run_status"]
@@ -22,6 +24,9 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
     (each sets ``func(args) -> int`` and ``command_path``)."""
     socket_help = ("the service's socket (default: $LIVEUPDATE_EMULATOR, else "
                    f"$XDG_RUNTIME_DIR/{paths.SOCKET_NAME})")
+
+    timeout_help = (f"how long to wait for the service's answer (default: ${client.TIMEOUT_ENV}, else "
+                    f"{client.DEFAULT_TIMEOUT:g}; inf waits for ever)")
 
     serve_p = actions.add_parser("serve", help="run one emulated kernel as a service for many processes",
                                  description="Run an emulated Live Update kernel that processes use through "
@@ -42,7 +47,7 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
                               + budget_help % "a quarter of the physical memory")
     serve_p.add_argument("--fds-per-client", metavar="N", type=int,
                          help="fds of the service one client's connections, sessions and files may hold "
-                              + budget_help % "a quarter of --fds-total")
+                              + budget_help % "half of --fds-total")
     serve_p.add_argument("--fds-total", metavar="N", type=int,
                          help="fds of the service all clients may hold "
                               + budget_help % f"the hard RLIMIT_NOFILE less {budget.FD_HEADROOM}")
@@ -53,13 +58,13 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
                                  description="Serialize the outgoing sessions, invalidate every handle of the "
                                              "old kernel and boot a new one from the preserved memory.")
     kexec_p.add_argument("--socket", metavar="PATH", help=socket_help)
-    kexec_p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
-                         help="how long to wait for the service (default 60)")
+    kexec_p.add_argument("--timeout", type=_timeout.argument, default=None, metavar="SECONDS",
+                         help=timeout_help)
     kexec_p.set_defaults(func=kexec_command, command_path="emulator kexec")
 
     status_p = actions.add_parser("status", help="what the service holds (JSON)")
     status_p.add_argument("--socket", metavar="PATH", help=socket_help)
-    status_p.add_argument("--timeout", type=float, default=None, metavar="SECONDS")
+    status_p.add_argument("--timeout", type=_timeout.argument, default=None, metavar="SECONDS", help=timeout_help)
     status_p.set_defaults(func=status_command, command_path="emulator status")
 
 
@@ -86,26 +91,46 @@ def serve(socket_path: Optional[str] = None, image: Optional[str] = None, ready_
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=out,
                         format="liveupdate emulator: %(message)s")
     path = paths.resolve_socket_path(socket_path)
+    if ready_fd is not None:
+        _check_ready_fd(ready_fd)  # before anything is bound or said
     budget.raise_fd_limit()
     budgets = budget.default_limits(**(limits or {}))
     kernel = Kernel(image, emulator_class=emulator_class)
     listener = paths.bind_listener(path)
     inode = os.stat(path).st_ino
-    server = Server(kernel, listener, allowed_uids={os.geteuid(), 0}, limits=budgets)
-    server.install_signal_handlers()
-    where = f", image {kernel.image}" + (" (booted from it)" if kernel.booted_from_image else "") if kernel.image else ""
-    out.write(f"liveupdate emulator: serving at {path}{where}; pid {os.getpid()}\n")
-    out.flush()
-    if ready_fd is not None:
-        try:
-            os.write(ready_fd, b"READY\n")
-        finally:
-            os.close(ready_fd)
     try:
+        server = Server(kernel, listener, allowed_uids={os.geteuid(), 0}, limits=budgets)
+        server.install_signal_handlers()
+        if ready_fd is not None:
+            # Told before "serving at": a failure here leaves no socket behind
+            # and no line that says the service runs.
+            try:
+                os.write(ready_fd, b"READY\n")
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot write READY to --ready-fd {ready_fd}: "
+                                         f"{os.strerror(exc.errno or 0)}") from None
+            finally:
+                os.close(ready_fd)
+        where = f", image {kernel.image}" + (" (booted from it)" if kernel.booted_from_image else "") if kernel.image else ""
+        out.write(f"liveupdate emulator: serving at {path}{where}; pid {os.getpid()}\n")
+        out.flush()
         return server.serve_forever()
     finally:
         listener.close()
         _unlink_if_ours(path, inode)
+
+
+def _check_ready_fd(fd: int) -> None:
+    """EBADF unless ``fd`` is open for writing in this process."""
+    import fcntl
+
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except (OSError, OverflowError, ValueError):
+        raise OSError(errno.EBADF, f"--ready-fd {fd} is not an open fd of this process "
+                                   f"(open it for the service, e.g. `serve --ready-fd 3 3>FILE`)") from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise OSError(errno.EBADF, f"--ready-fd {fd} is open read-only; READY cannot be written to it")
 
 
 def _unlink_if_ours(path: str, inode: int) -> None:

@@ -1,13 +1,37 @@
 """The emulated kernel a service runs: its boots and its image on disk."""
 from __future__ import annotations
 
+import logging
 import os
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Callable, Dict, Optional
 
 from ..errors import KernelPanic
 from . import image as image_file
 
 __all__ = ["Kernel"]
+
+log = logging.getLogger("liveupdate.emulator.service")
+
+#: Images at least this large get progress lines in the service's log.
+PROGRESS_PAGES = 1 << 16  # 256 MiB
+
+
+def progress_logger(what: str, unit: str = "pages", every: float = 2.0) -> Callable[[int, int], None]:
+    """progress(done, total) that logs a line at most every ``every``
+    seconds, for writes and reads of large images."""
+    last = [time.monotonic()]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if (now - last[0] < every and done < total) or total < PROGRESS_PAGES:
+            return
+        last[0] = now
+        scale = 4096 if unit == "pages" else 1
+        log.warning("%s: %d of %d MiB (%d%%)", what, done * scale >> 20, total * scale >> 20,
+                    100 * done // max(1, total))
+
+    return report
 
 
 def _emulator_class() -> Any:
@@ -48,31 +72,26 @@ class Kernel:
         return self.emu.port
 
     def kexec(self) -> Dict[str, Any]:
-        """The reboot path: the emulator serializes the outgoing sessions and
-        boots a new kernel from that memory; then the image (if any) is
-        replaced by that memory, before any client can touch the new kernel.
+        """The reboot path: the emulator serializes the outgoing sessions,
+        the image (if any) is replaced by what will be handed over, and only
+        once it is durable is the kexec committed and a new kernel booted
+        from that memory, before any client can touch it.
 
         Raises KernelPanic (the new kernel cannot boot), OSError (the
-        serialization failed and the old kernel runs on; or the kexec
-        happened but the image could not be written: ENOSPC, EACCES ...,
-        the previous image stays)."""
-        self.emu.kexec()
-        self.boots += 1
+        serialization failed, or the image could not be written: ENOSPC,
+        EROFS, EACCES ...; either way the old kernel runs on, its handles
+        stay valid, and the previous image stays)."""
         if self.image:
             try:
-                image_file.write_atomically(self.image, self._handover_bytes())
+                self.emu.kexec(image=self.image, image_checkpoint=image_file._checkpoint,
+                               image_progress=progress_logger(f"writing image {self.image}"))
             except OSError as exc:
-                raise OSError(exc.errno, f"the emulated kexec happened but the image {self.image} "
-                                         f"could not be written: {exc.strerror or exc}") from None
+                raise OSError(exc.errno, f"the emulated kexec did not happen (the old kernel runs on): "
+                                         f"{exc.strerror or exc}") from None
+        else:
+            self.emu.kexec()
+        self.boots += 1
         return {"boot": self.boots, "image": self.image, "liveupdate_number": self._number()}
-
-    def _handover_bytes(self) -> bytes:
-        # What Emulator.save_image() writes, as bytes, so that the write
-        # itself is ours: one temporary file, with its fault points.
-        from ..emulator import image as emulator_image
-
-        with self.emu.port.lock:
-            return emulator_image.dumps(self.emu.memory.handover)
 
     def release(self, handle: int, boot: int) -> None:
         """The last client copy of ``handle`` is gone: the emulator's release()

@@ -5,13 +5,15 @@ import errno
 import os
 import socket
 import stat
-from typing import Optional
+import struct
+from typing import Optional, Tuple
 
 __all__ = ["SOCKET_NAME", "default_socket_path", "resolve_socket_path", "bind_listener", "MAX_SOCKET_PATH"]
 
 SOCKET_NAME = "liveupdate-emulator.sock"
 #: sun_path holds 108 bytes with the terminating NUL.
 MAX_SOCKET_PATH = 107
+_UCRED = struct.Struct("=iII")  # struct ucred: pid_t pid; uid_t uid; gid_t gid
 
 
 def default_socket_path() -> Optional[str]:
@@ -40,15 +42,17 @@ def resolve_socket_path(path: Optional[str]) -> str:
     return chosen
 
 
-def _in_use(path: str) -> bool:
+def _occupant(path: str) -> Optional[Tuple[int, int]]:
+    """(pid, uid) of whoever listens at ``path``, or None when nobody does."""
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         probe.connect(path)
+        pid, uid, _ = _UCRED.unpack(probe.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
     except OSError:
-        return False
+        return None
     finally:
         probe.close()
-    return True
+    return pid, uid
 
 
 def bind_listener(path: str, backlog: int = 128) -> socket.socket:
@@ -63,9 +67,14 @@ def bind_listener(path: str, backlog: int = 128) -> socket.socket:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket; refusing to replace it")
-        if _in_use(path):
-            raise OSError(errno.EADDRINUSE, f"an emulator service is already listening at {path}")
+            raise OSError(errno.EEXIST, f"{path} exists and is not a socket (owner uid {st.st_uid}); "
+                                        f"refusing to replace it")
+        occupant = _occupant(path)
+        if occupant is not None:
+            pid, uid = occupant
+            who = "this user" if uid == os.geteuid() else ("root" if uid == 0 else "another user")
+            raise OSError(errno.EADDRINUSE, f"a process of uid {uid} ({who}, pid {pid}) is already listening "
+                                            f"at {path}")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     # umask, not a chmod after bind: there is no moment at which another

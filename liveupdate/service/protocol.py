@@ -51,8 +51,6 @@ OP_STATUS = 4
 #: Sent unasked by the service before it closes a connection it refuses.
 OP_REFUSED = 255
 
-OPS = (OP_OPEN_DEVICE, OP_IOCTL, OP_KEXEC, OP_STATUS)
-
 FLAG_REPLY_CHANNEL = 1
 FLAG_FD = 2
 #: Set on every message from the service. A reply fed back to the service

@@ -135,8 +135,9 @@ class Relay:
             raise OSError(errno.ESTALE, f"this {conn.kind} handle belongs to the kernel before an emulated kexec "
                                         f"(boot {conn.boot}; now boot {self.kernel.boots})")
         client_fd = b""
-        if cmd == _abi.SESSION_PRESERVE_FD:
-            arg, client_fd = R.preserve_argument(arg, req.fd_in)
+        fd_arg = R.fd_argument(cmd)
+        if fd_arg is not None:
+            arg, client_fd = R.relay_argument(arg, fd_arg, req.fd_in)
         token = R.token_of(arg)
         long = False
         if conn.kind == SESSION and cmd == _abi.SESSION_PRESERVE_FD:
@@ -181,8 +182,9 @@ class Relay:
 
     def _ioctl_result(self, conn: Connection, cmd: int, out: bytes, client_fd: bytes, token: Optional[int],
                       memory: int) -> Tuple[Optional[Tuple[bytes, Optional[int], List[int]]], Optional[BaseException]]:
-        if client_fd:
-            out = out[:4] + client_fd + out[8:]
+        fd_arg = R.fd_argument(cmd)
+        if client_fd and fd_arg is not None:
+            out = out[:fd_arg] + client_fd + out[fd_arg + 4:]
         if cmd == _abi.SESSION_PRESERVE_FD and conn.name is not None and token is not None:
             self.ledger.record(conn.name, token, conn.account, memory)
         elif cmd == _abi.SESSION_RETRIEVE_FD and conn.name is not None and token is not None:

@@ -22,7 +22,7 @@ from . import protocol as P
 from .budget import held_bytes
 from .connection import Connection
 
-__all__ = ["Request", "parse", "preserve_argument", "session_of", "token_of", "fd_result",
+__all__ = ["Request", "parse", "fd_argument", "relay_argument", "session_of", "token_of", "fd_result",
            "preserve_cost", "LONG_CALL_BYTES"]
 
 _FD_FIELD = struct.Struct("=i")
@@ -63,14 +63,22 @@ def sequence_of(data: bytes) -> int:
     return int(P.HEADER.unpack_from(data)[5]) if len(data) >= P.HEADER.size else 0
 
 
-def preserve_argument(arg: bytes, fd_in: Optional[int]) -> Tuple[bytes, bytes]:
-    """The preserve struct with the relay's fd for the file in it (or -1,
-    for an fd the client could not send, which this process's kernel then
-    judges bad exactly as the client's would have), and the client's fd
-    field to put back in the result."""
-    if len(arg) < 8:
+def fd_argument(cmd: int) -> Optional[int]:
+    """The offset of the caller's fd in the argument of ``cmd`` (the command
+    table's fd_arg), None if it takes none."""
+    command = _abi.BY_NUMBER.get(cmd)
+    return None if command is None else command.fd_arg
+
+
+def relay_argument(arg: bytes, offset: int, fd_in: Optional[int]) -> Tuple[bytes, bytes]:
+    """The struct with the relay's fd for the file in it at ``offset`` (or
+    -1, for an fd the client could not send, which this process's kernel
+    then judges bad exactly as the client's would have), and the client's
+    fd field to put back in the result."""
+    if len(arg) < offset + 4:
         return arg, b""
-    return arg[:4] + _FD_FIELD.pack(-1 if fd_in is None else fd_in) + arg[8:], arg[4:8]
+    fd = _FD_FIELD.pack(-1 if fd_in is None else fd_in)
+    return arg[:offset] + fd + arg[offset + 4:], arg[offset:offset + 4]
 
 
 def token_of(arg: bytes) -> Optional[int]:

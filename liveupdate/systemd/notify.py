@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import array
 import errno
-import math
 import os
 import select
 import socket
 import time
 from typing import Any, Mapping, Optional, Sequence
 
+from .._timeout import deadline_after, poll_ms
 from ..errors import make, wrap
 
 __all__ = ["notify_socket", "notify", "send", "barrier", "deadline_after", "fileno", "NO_SOCKET_HINT"]
@@ -35,20 +35,6 @@ def notify_socket(environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
     """The socket address systemd gave in ``$NOTIFY_SOCKET``, or None."""
     env = os.environ if environ is None else environ
     return env.get("NOTIFY_SOCKET") or None
-
-
-def deadline_after(timeout: Any, op: str) -> Optional[float]:
-    """The monotonic deadline ``timeout`` seconds from now; None for
-    ``math.inf`` (wait as long as it takes).
-
-    Raises OSError EINVAL for NaN, a negative number or a non-number."""
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
-        raise make(errno.EINVAL, op, "timeout is a number of seconds", timeout=timeout)
-    if math.isnan(timeout) or timeout < 0:
-        raise make(errno.EINVAL, op, "timeout must be 0 or more seconds (math.inf: no limit)", timeout=timeout)
-    if math.isinf(timeout):
-        return None
-    return time.monotonic() + timeout
 
 
 def _address(raw: str, op: str) -> str:
@@ -90,13 +76,9 @@ def _wait_writable(sock: socket.socket, deadline: Optional[float]) -> bool:
     poller = select.poll()
     poller.register(sock, select.POLLOUT)
     while True:
-        if deadline is None:
-            wait_ms = -1
-        else:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            wait_ms = max(1, math.ceil(remaining * 1000))
+        wait_ms = poll_ms(deadline)
+        if wait_ms == 0:
+            return False
         if poller.poll(wait_ms):
             return True
 
@@ -188,11 +170,8 @@ def barrier(timeout: float = DEFAULT_TIMEOUT, *, environ: Optional[Mapping[str, 
         poller = select.poll()
         poller.register(read_end, select.POLLHUP)
         while True:
-            if deadline is None:
-                wait_ms = -1
-            else:
-                wait_ms = max(0, math.ceil((deadline - time.monotonic()) * 1000))
-            if poller.poll(wait_ms):
+            # Capped per poll (a C int of ms): 1e300 s must not overflow.
+            if poller.poll(poll_ms(deadline)):
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise make(errno.ETIMEDOUT, "barrier", "systemd did not answer BARRIER=1", timeout=timeout)

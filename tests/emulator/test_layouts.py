@@ -73,6 +73,7 @@ class Memory:
         handover = emu.memory.handover
         self.mem = PhysicalMemory()
         self.mem.pages = handover.pages
+        self.mem.folios = handover.folios  # memfd pages are kept in runs, apart
         self.subtrees: Dict[str, Tuple[int, int]] = dict(handover.subtrees)
 
     def read(self, pa: int, size: int) -> bytes:

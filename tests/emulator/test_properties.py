@@ -421,6 +421,7 @@ class LuoMachine(RuleBasedStateMachine):
         handover = self.emu.memory.handover
         mem = PhysicalMemory()
         mem.pages = handover.pages
+        mem.folios = handover.folios
         root_pa, root_size = handover.subtrees["LUO"]
         raw = mem.read(root_pa, 32)
         assert root_size == 32 and raw[:8] == b"luo-v5\0\0"

@@ -11,7 +11,13 @@ import pytest
 from liveupdate import KernelPanic
 from liveupdate.emulator import Emulator, abi, image, kfile, walk
 from liveupdate.emulator.walk import File
-from liveupdate.emulator.luo_core import CREATE_SESSION, SESSION_FINISH, SESSION_GET_NAME, SESSION_PRESERVE_FD
+
+# The uapi's numbers written out, _IO(0xBA, nr): the emulator takes its own
+# from the library's command table, so these keep the tests independent.
+CREATE_SESSION = 0xBA00
+SESSION_PRESERVE_FD = 0xBA40
+SESSION_FINISH = 0xBA42
+SESSION_GET_NAME = 0xBA43
 
 CREATE = struct.Struct("=Ii64s")
 
@@ -166,7 +172,7 @@ def test_image_round_trip_restores_contents(tmp_path) -> None:  # type: ignore[n
 @pytest.mark.parametrize("mangle", [
     lambda d: d[:-1],
     lambda d: b"X" + d[1:],
-    lambda d: d[:8] + b"\2" + d[9:],
+    lambda d: d[:8] + b"\3" + d[9:],  # a version this reader does not know
     lambda d: d[:24] + struct.pack("<Q", 2**40) + d[32:],
     lambda d: d[:-8] + b"garbage!" + d[-8:],
     lambda d: b"",

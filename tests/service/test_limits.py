@@ -253,7 +253,7 @@ def test_the_service_raises_its_soft_fd_limit_and_derives_its_budget(tmp_path):
         assert line.split()[3:5] == [str(hard), str(hard)]
         limits = _used(svc)["limits"]
         assert limits["fds_total"] == hard - budget.FD_HEADROOM
-        assert limits["fds_per_client"] == limits["fds_total"] // 4
+        assert limits["fds_per_client"] == limits["fds_total"] // 2
         assert 0 < limits["memory_per_client"] <= limits["memory_total"]
     finally:
         svc.stop()

@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 import liveupdate
-from liveupdate import device as device_module
+from liveupdate import _backends
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,7 +28,7 @@ def fresh_process_state(monkeypatch):
     by the environment."""
     for name in ("LIVEUPDATE_BACKEND", "LIVEUPDATE_EMULATOR"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(device_module, "_fallback_told", False)
+    monkeypatch.setattr(_backends, "_fallback_told", False)
 
 
 def _python(code: str) -> subprocess.CompletedProcess:

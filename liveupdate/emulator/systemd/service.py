@@ -60,7 +60,6 @@ class Service:
         self.state = "inactive"     # activating, active, deactivating, failed
         self.ready = False
         self.exit_status: Optional[int] = None
-        self.starts = 0
 
     @property
     def name(self) -> str:
@@ -139,7 +138,6 @@ class Service:
         self.pidfd = os.pidfd_open(pid)
         self.ready = False
         self.exit_status = None
-        self.starts += 1
         self.state = "activating" if self.unit.type == "notify" else "active"
         return pid
 

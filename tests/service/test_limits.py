@@ -76,8 +76,7 @@ UNIT = _cost(SMALL)
 @pytest.fixture
 def small_budget(tmp_path) -> Iterator[testing.ServiceProcess]:
     svc = testing.ServiceProcess(tmp_path, extra_args=["--memory-per-client", str(3 * UNIT),
-                                                       "--memory-total", str(9 * UNIT // 2),
-                                                       "--fds-per-client", "20", "--fds-total", "50"])
+                                                       "--memory-total", str(9 * UNIT // 2)])
     svc.start()
     try:
         yield svc
@@ -161,7 +160,18 @@ def test_memory_follows_the_files_across_a_kexec_until_retrieved_or_finished(sma
     assert _used(small_budget)["memory"] == 0
 
 
-def test_a_client_past_its_fd_share_gets_emfile_and_the_others_go_on(small_budget):
+@pytest.fixture
+def fd_budget(tmp_path) -> Iterator[testing.ServiceProcess]:
+    svc = testing.ServiceProcess(tmp_path, extra_args=["--fds-per-client", "20", "--fds-total", "50"])
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_a_client_past_its_fd_share_gets_emfile_and_the_others_go_on(fd_budget):
+    small_budget = fd_budget
     # 20 fds a client: its connection (1) and device (2), then 3 a session.
     dev = small_budget.open()
     sessions: List[liveupdate.Session] = []

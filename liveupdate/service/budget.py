@@ -35,7 +35,7 @@ import os
 import resource
 from typing import Dict, NamedTuple, Optional, Tuple
 
-__all__ = ["Limits", "Account", "Ledger", "held_bytes", "default_limits", "raise_fd_limit", "parse_size",
+__all__ = ["Limits", "Account", "Ledger", "held_bytes", "held_for_size", "default_limits", "raise_fd_limit", "parse_size",
            "FDS_PER_CONNECTION", "FDS_PER_DEVICE", "FDS_PER_SESSION", "FDS_PER_FILE"]
 
 PAGE_SIZE = 4096
@@ -82,7 +82,12 @@ def held_bytes(st: os.stat_result) -> int:
     reference, not a copy), so only the emulator's own bookkeeping for them
     grows the service. That is proportional to the apparent size (the
     kernel records every page, holes included)."""
-    pages = -(-max(st.st_size, 0) // PAGE_SIZE)
+    return held_for_size(st.st_size)
+
+
+def held_for_size(size: int) -> int:
+    """:func:`held_bytes` for a file of ``size`` bytes."""
+    pages = -(-max(size, 0) // PAGE_SIZE)
     return _BYTES_PER_FILE + pages * _BYTES_PER_PAGE
 
 

@@ -19,7 +19,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 from .. import _abi
 from . import protocol as P
-from .budget import held_bytes
+from .budget import held_bytes, held_for_size
 from .connection import Connection
 
 __all__ = ["Request", "parse", "fd_argument", "relay_argument", "session_of", "token_of", "fd_result",
@@ -28,10 +28,11 @@ __all__ = ["Request", "parse", "fd_argument", "relay_argument", "session_of", "t
 _FD_FIELD = struct.Struct("=i")
 _TOKEN_FIELD = struct.Struct("=Q")
 
-#: A call that makes the kernel touch more than this much held memory (a
-#: preserve, retrieve, finish or release of big memfds) runs on the worker
-#: thread, not the event loop.
-LONG_CALL_BYTES = 16 << 20
+#: A call that makes the kernel hold or let go of this much (the pages of
+#: 256 MiB of memfds: a preserve, retrieve, finish or release of big
+#: memfds) runs on the worker thread, not the event loop. The kernel's work
+#: for a memfd grows with its pages, as the emulator's memory for it does.
+LONG_CALL_BYTES = held_for_size(256 << 20)
 
 
 class Request(NamedTuple):

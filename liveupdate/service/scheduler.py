@@ -53,7 +53,10 @@ class KernelQueue:
         """Run ``call()`` on the kernel, then ``done(result, exception)`` on
         the loop: at once when the kernel is free (on the worker when
         ``long``), else once it is, after what waits already. ``exclusive``
-        (a kexec): nothing else runs meanwhile. ``conn`` is read no further
+        (a kexec, a long release: calls whose outcome changes the answers of
+        later ones): on the worker, with nothing else run meanwhile; other
+        long calls may be overtaken by short ones, as concurrent ioctls on
+        different sessions are unordered in the kernel. ``conn`` is read no further
         until then."""
         if (self._parked or self._exclusive or (exclusive and self._worker.busy)
                 or (self._lock is not None and not self._lock.acquire(blocking=False))):

@@ -227,7 +227,10 @@ class Server(Relay):
             if name is not None and boot == self.kernel.boots:
                 self.ledger.forget_session(name)  # unpreserved or finished: its files are gone
 
-        self._queue.run(lambda: self.kernel.release(handle, boot), released, long=self.ledger.held(name) > R.LONG_CALL_BYTES)
+        # A release changes what later calls get (a name or file taken no
+        # more): a long one runs alone, as a kexec does, so none overtakes it.
+        self._queue.run(lambda: self.kernel.release(handle, boot), released,
+                        exclusive=self.ledger.held(name) > R.LONG_CALL_BYTES)
 
     # -- reading requests ---------------------------------------------------
 

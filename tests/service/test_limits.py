@@ -365,3 +365,22 @@ def test_other_clients_are_served_while_a_long_preserve_runs(tmp_path, monkeypat
             os.unlink(path)
         except OSError:
             pass
+
+
+def test_a_session_released_on_the_worker_is_gone_before_the_next_call(service):
+    # Files past LONG_CALL_BYTES make the release a long call (run on the
+    # worker): the next create of the same name, and a preserve of the same
+    # files, must still see the session gone, as after close() on the kernel.
+    size = 128 * MiB
+    fds = [_sparse(size) for _ in range(3)]
+    assert 3 * _cost(size) > service_requests.LONG_CALL_BYTES
+    try:
+        with service.open() as dev:
+            for round_ in range(3):
+                session = dev.create_session("released")
+                for token, fd in enumerate(fds):
+                    session.preserve(fd, token)
+                session.close()
+    finally:
+        for fd in fds:
+            os.close(fd)

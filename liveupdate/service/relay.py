@@ -151,8 +151,8 @@ class Relay:
         def call() -> bytes:
             return bytes(self.kernel.port.ioctl(conn.handle, cmd, arg))
 
-        def start() -> bytes:
-            # On the kernel's turn, so that the budget sees every earlier call.
+        def charge() -> None:
+            # On the loop, on the kernel's turn: the budget sees every call before.
             fds, memory = 0, 0
             if conn.kind == DEVICE and cmd in (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION):
                 fds = FDS_PER_SESSION
@@ -161,7 +161,6 @@ class Relay:
             if fds or memory:
                 self.ledger.charge(conn.account, fds, memory, what=_describe(cmd, token, client_fd))
                 charged[:] = [fds, memory]
-            return call()
 
         def done(out: Any, exc: Optional[BaseException], retried: bool = False) -> None:
             if (isinstance(exc, OSError) and exc.errno in _RELEASE_SENSITIVE and not retried
@@ -178,7 +177,7 @@ class Relay:
                 return
             self._answer(req, *self._ioctl_result(conn, cmd, out, client_fd, token, charged[1]))
 
-        self._queue.run(start, done, long=long, conn=conn)
+        self._queue.run(call, done, long=long, conn=conn, prepare=charge)
 
     def _ioctl_result(self, conn: Connection, cmd: int, out: bytes, client_fd: bytes, token: Optional[int],
                       memory: int) -> Tuple[Optional[Tuple[bytes, Optional[int], List[int]]], Optional[BaseException]]:

@@ -26,6 +26,8 @@ __all__ = ["Request", "parse", "fd_argument", "relay_argument", "session_of", "t
            "preserve_cost", "LONG_CALL_BYTES"]
 
 _FD_FIELD = struct.Struct("=i")
+#: memfd_pin_folios() counts folios in an unsigned int (memfd_luo.py).
+_MAX_FOLIOS = 0xFFFFFFFF
 _TOKEN_FIELD = struct.Struct("=Q")
 
 #: A call that makes the kernel hold or let go of this much (the pages of
@@ -109,7 +111,9 @@ def result_fd(out: bytes, offset: int) -> int:
 def preserve_cost(fd_in: Optional[int]) -> int:
     """The memory a preserve of ``fd_in`` would make the emulator hold:
     :func:`.budget.held_bytes` for a file the memfd handler takes (an
-    unlinked regular file), nothing for one the kernel will refuse."""
+    unlinked regular file), nothing for one the kernel will refuse (not a
+    memfd, more pages than a folio count holds), so that the kernel's own
+    errno is the answer."""
     if fd_in is None:
         return 0
     try:
@@ -118,4 +122,6 @@ def preserve_cost(fd_in: Optional[int]) -> int:
         return 0
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
         return 0
+    if -(-st.st_size // 4096) > _MAX_FOLIOS:
+        return 0  # the kernel refuses it first (EFBIG): nothing is held
     return held_bytes(st)

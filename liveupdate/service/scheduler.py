@@ -49,7 +49,7 @@ class KernelQueue:
         return len(self._parked)
 
     def run(self, call: Callable[[], Any], done: Done, long: bool = False, exclusive: bool = False,
-            conn: Optional[Connection] = None) -> None:
+            conn: Optional[Connection] = None, prepare: Optional[Callable[[], None]] = None) -> None:
         """Run ``call()`` on the kernel, then ``done(result, exception)`` on
         the loop: at once when the kernel is free (on the worker when
         ``long``), else once it is, after what waits already. ``exclusive``
@@ -57,16 +57,24 @@ class KernelQueue:
         later ones): on the worker, with nothing else run meanwhile; other
         long calls may be overtaken by short ones, as concurrent ioctls on
         different sessions are unordered in the kernel. ``conn`` is read no further
-        until then."""
+        until then. ``prepare()`` runs on the loop when the call's turn has
+        come, before it starts (it charges budgets; what it raises is the
+        call's outcome)."""
         if (self._parked or self._exclusive or (exclusive and self._worker.busy)
                 or (self._lock is not None and not self._lock.acquire(blocking=False))):
             if conn is not None:
                 self._pause(conn)
-            self._parked.append(lambda: self.run(call, done, long, exclusive, conn))
+            self._parked.append(lambda: self.run(call, done, long, exclusive, conn, prepare))
             return
         try:
             if conn is not None:
                 self._resume(conn)
+            if prepare is not None:
+                try:
+                    prepare()
+                except Exception as exc:
+                    done(None, exc)
+                    return
             if long or exclusive:
                 if conn is not None:
                     self._pause(conn)

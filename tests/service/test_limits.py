@@ -249,14 +249,20 @@ def test_past_the_service_total_a_client_gets_enfile(tmp_path):
 
 
 def test_the_service_raises_its_soft_fd_limit_and_derives_its_budget(tmp_path):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or hard < 512:
         pytest.skip("needs a finite hard RLIMIT_NOFILE of at least 512")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-    try:
-        svc = testing.ServiceProcess(tmp_path).start()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    class LowSoftLimit(testing.ServiceProcess):
+        # The service starts with a soft limit of 256 (lowered in its own
+        # process only: this one may hold more fds than that).
+        def command(self) -> List[str]:
+            argv = super().command()
+            lower = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, "
+                     f"{hard})); os.execv(sys.executable, sys.argv[1:])")
+            return [argv[0], "-c", lower, *argv]
+
+    svc = LowSoftLimit(tmp_path).start()
     try:
         with open(f"/proc/{svc.pid}/limits") as fh:
             line = next(line for line in fh if line.startswith("Max open files"))

@@ -19,7 +19,7 @@ from . import budget, client, paths
 __all__ = ["add_arguments", "serve", "run_kexec", "run_status"]
 
 
-def add_arguments(actions: "argparse._SubParsersAction") -> None:
+def add_arguments(actions: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the ``serve``, ``kexec`` and ``status`` actions to ``actions``
     (each sets ``func(args) -> int`` and ``command_path``)."""
     socket_help = ("the service's socket (default: $LIVEUPDATE_EMULATOR, else "

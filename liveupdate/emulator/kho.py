@@ -197,8 +197,7 @@ class PhysicalMemory:
         if hit is None:
             return bytes(PAGE_SIZE)
         run, off = hit
-        data: bytes = run.backing.read(run.index + off)
-        return data
+        return run.backing.read(run.index + off)
 
     def read(self, pa: int, size: int) -> bytes:
         """``size`` bytes at physical address ``pa``, across pages."""
@@ -256,8 +255,7 @@ class PhysicalMemory:
             offset = 0
 
     def read_u64(self, pa: int) -> int:
-        value: int = abi.U64.unpack(self.read(pa, 8))[0]
-        return value
+        return abi.U64.unpack(self.read(pa, 8))[0]
 
     def write_u64(self, pa: int, value: int) -> None:
         self.write(pa, abi.U64.pack(value))
@@ -424,7 +422,7 @@ class KHO:
         while p < end:
             if p in self.incoming:
                 self.incoming.discard(p)
-                page = self.memory.pages.pop(p, None)
+                page: Optional[Page] = self.memory.pages.pop(p, None)
                 out.append(page if page is not None else bytearray())
                 p += 1
                 done += 1

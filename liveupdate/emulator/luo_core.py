@@ -35,7 +35,7 @@ from .. import _abi
 from . import abi, luo_session
 from .ioctl_op import DEVICE_OPS, FdTable
 from .kho import KHO, PhysicalMemory
-from .memfd_luo import MemfdHandler
+from . import file_handler
 from .luo_file import LuoFiles
 from .ucmd import Ucmd
 from ..errors import KernelPanic
@@ -56,7 +56,10 @@ class Kernel:
         self.liveupdate_num = 0
         self.in_use = False
         self.alive = True
-        self.files.register_handler(MemfdHandler(self.kho, self.files.preserved))
+        # One instance of every registered handler per boot, as the kernel's
+        # handlers register at init (memfd_luo is built in).
+        for handler in file_handler.registered():
+            self.files.register_handler(handler(self.kho, self.files.preserved))
 
     # -- boot ---------------------------------------------------------------------
     @classmethod

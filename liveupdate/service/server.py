@@ -31,7 +31,7 @@ import selectors
 import signal
 import socket
 import traceback
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 from . import protocol as P
 from . import requests as R
@@ -58,7 +58,7 @@ class Server(Relay):
     EACCES refusal and a closed connection. ``limits``: the budgets
     (:func:`.budget.default_limits` when None)."""
 
-    def __init__(self, kernel: Any, listener: socket.socket, allowed_uids: Sequence[int],
+    def __init__(self, kernel: Any, listener: socket.socket, allowed_uids: Iterable[int],
                  limits: Optional[Limits] = None) -> None:
         self.kernel = kernel
         self.listener = listener

@@ -26,7 +26,8 @@ def test_the_names_it_says_to_copy_are_where_it_says():
         ("liveupdate/emulator/luo_session.py", "def _retrieve_fd"), ("liveupdate/session.py", "def finish"),
         ("liveupdate/_backends.py", "def _choose_backend"), ("liveupdate/_backends.py", "BACKENDS = "),
         ("liveupdate/cli/__init__.py", "SUBCOMMANDS = "), ("liveupdate/cli/status.py", "def add_parser"),
-        ("liveupdate/emulator/luo_core.py", "register_handler"), ("liveupdate/_port.py", "def register_recognizer"),
+        ("liveupdate/emulator/file_handler.py", "class FileHandler"), ("liveupdate/emulator/file_handler.py", "def register"),
+        ("tests/emulator/blob_handler.py", "FileHandler"), ("liveupdate/_port.py", "def register_recognizer"),
     ]
     for path, name in pairs:
         with open(os.path.join(REPO, path), encoding="utf-8") as f:

@@ -125,6 +125,16 @@ def test_no_import_cycle_in_the_package():
     assert found == [], "import circles in liveupdate/: " + "; ".join(" <-> ".join(c) for c in found)
 
 
+def test_the_handles_know_no_backend():
+    # The backend choice lives in _backends.py alone: the handles, the port
+    # seam and the errors import no backend, even lazily.
+    graph = edges(modules())
+    for module in ("liveupdate.device", "liveupdate.session", "liveupdate._handle", "liveupdate._port",
+                   "liveupdate.errors", "liveupdate._abi"):
+        backends = sorted(m for m in graph[module] if m.startswith(("liveupdate.emulator", "liveupdate.service")))
+        assert backends == [], f"{module} imports {backends}"
+
+
 if __name__ == "__main__":
     for component in cycles(edges(modules())):
         print(" <-> ".join(component))

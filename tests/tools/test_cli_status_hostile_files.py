@@ -5,7 +5,6 @@ JSON, each damaged file is named for what it is (never "missing"), and the
 process stays small (its peak RSS is measured; no timing is asserted)."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess

@@ -42,7 +42,7 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 _abi.load_cdefs("kexec.h")
-_lib = _abi.ffi.dlopen(None)
+_lib: Any = _abi.ffi.dlopen(None)  # its attributes are the header's constants and syscall()
 
 KEXEC_FILE_UNLOAD: int = _lib.KEXEC_FILE_UNLOAD
 KEXEC_FILE_NO_INITRAMFS: int = _lib.KEXEC_FILE_NO_INITRAMFS

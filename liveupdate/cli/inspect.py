@@ -14,7 +14,7 @@ import errno
 import importlib
 import json
 import sys
-from typing import Any, Dict, TextIO
+from typing import Any, Callable, Dict, Optional, TextIO
 
 from ._common import fail
 from .inspect_systemd import SESSION as SYSTEMD_SESSION, render_mapping, systemd_mapping
@@ -33,23 +33,28 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-_SEALS = ((0x1, "seal"), (0x2, "shrink"), (0x4, "grow"), (0x8, "write"), (0x10, "future-write"), (0x20, "exec"))
-
-
 def seal_names(seals: int) -> str:
-    """F_SEAL_* bits as words: 0x5 -> "seal,grow"."""
-    names = [name for bit, name in _SEALS if seals & bit]
-    unknown = seals & ~sum(bit for bit, _ in _SEALS)
-    if unknown:
-        names.append(f"{unknown:#x}")
-    return ",".join(names) or "none"
+    """F_SEAL_* bits as words (see liveupdate.emulator.memfd_luo.seal_names)."""
+    from ..emulator.memfd_luo import seal_names as names
+
+    return names(seals)
 
 
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
-def decode(image_path: str) -> Dict[str, Any]:
+def _progress(image_path: str) -> "Callable[[int, int], None]":
+    """Progress lines on stderr while a large image is read (the reader
+    reports every 64 MiB, so small images print none)."""
+    def report(done: int, total: int) -> None:
+        sys.stderr.write(f"liveupdate inspect: reading {image_path}: {done >> 20} of {total >> 20} MiB\n")
+        sys.stderr.flush()
+
+    return report
+
+
+def decode(image_path: str, progress: "Optional[Callable[[int, int], None]]" = None) -> Dict[str, Any]:
     """The image as plain data: ``{"image", "subtrees", "root", "chains",
     "sessions", "problems", "systemd"}``; sessions hold their files, files
     their memfd; ``systemd`` is the decoded mapping of a ``systemd`` session
@@ -62,7 +67,7 @@ def decode(image_path: str) -> Dict[str, Any]:
     # By module path: the emulator package re-exports the function walk()
     # under the same name as its module.
     walk = importlib.import_module("liveupdate.emulator.walk")
-    memory = load(image_path)
+    memory = load(image_path, progress)
     doc: Dict[str, Any] = {"image": image_path, "subtrees": [], "root": None, "chains": [], "sessions": [],
                            "problems": []}
     chains: Dict[str, Dict[str, Any]] = {}
@@ -90,13 +95,14 @@ def decode(image_path: str) -> Dict[str, Any]:
                      "pa": record.pa, "data": record.data, "memfd": None}
             if session is not None:
                 session["files"].append(entry)
-        elif isinstance(record, walk.Memfd):
-            memfd = {"pa": record.pa, "size": record.size, "pos": record.pos, "seals": record.seals,
-                     "flags": record.flags, "folios": record.nr_folios}
-            if session is not None and session["files"] and session["files"][-1]["token"] == record.token:
-                session["files"][-1]["memfd"] = memfd
         elif isinstance(record, walk.Problem):
             doc["problems"].append({"where": record.where, "problem": record.message})
+        elif hasattr(record, "inspect_key"):
+            # A file handler's own record (memfd: walk.Memfd), under its key.
+            if session is not None and session["files"] and session["files"][-1]["token"] == record.token:
+                entry = session["files"][-1]
+                entry[record.inspect_key] = record.inspect_fields()
+                entry["summary"] = record.inspect_summary()
     doc["systemd"] = systemd_mapping(image_path, doc)
     return doc
 
@@ -123,10 +129,8 @@ def render_text(doc: Dict[str, Any], out: TextIO) -> None:
         w(f"  session {session['name']!r}: {session['files_count']} file(s)\n")
         for entry in session["files"]:
             line = f"    token {entry['token']} ({entry['token_hex']}): {entry['handler']}"
-            memfd = entry["memfd"]
-            if memfd is not None:
-                line += (f", memfd of {memfd['size']} bytes, position {memfd['pos']}, seals "
-                         f"{seal_names(memfd['seals'])}, {memfd['folios']} folio(s)")
+            if entry.get("summary"):
+                line += ", " + entry["summary"]
             w(line + "\n")
         if session["name"] == SYSTEMD_SESSION and doc.get("systemd") is not None:
             render_mapping(doc["systemd"], out)
@@ -136,10 +140,10 @@ def render_text(doc: Dict[str, Any], out: TextIO) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        doc = decode(args.image)
+        doc = decode(args.image, _progress(args.image))
     except OSError as exc:
         raise fail(exc, "give a file written by `liveupdate emulator serve --image` or Emulator.save_image()"
-                   if exc.errno == errno.ENOEXEC else None) from None
+                   if exc.errno in (errno.ENOEXEC, errno.EISDIR) else None) from None
     if args.json:
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -11,7 +11,7 @@ import argparse
 import errno
 import os
 import sys
-from typing import Dict
+from typing import Mapping
 
 from .. import kexec
 from ._common import CommandError, fail, progress
@@ -89,7 +89,7 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
     return parser
 
 
-def _hinted(exc: OSError, hints: Dict[int, str]) -> CommandError:
+def _hinted(exc: OSError, hints: Mapping[int, str]) -> CommandError:
     hint = hints.get(exc.errno or 0)
     if exc.errno == errno.EPERM and os.geteuid() == 0:
         hint = _ROOT_PRIVILEGE_HINT

@@ -224,7 +224,7 @@ def holders(roots: Roots) -> Tuple[List[Dict[str, Any]], int]:
     """Processes holding /dev/liveupdate or session fds, and how many
     processes could not be looked at (not root)."""
     device_link = "/dev/" + DEVICE_NAME
-    found = []
+    found: List[Dict[str, Any]] = []
     hidden = 0
     try:
         entries = os.listdir(roots.proc)

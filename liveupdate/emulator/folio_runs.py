@@ -174,12 +174,13 @@ class FolioMap:
     def find(self, pfn: int) -> Optional[FolioRun]:
         """The run holding ``pfn`` (live or not), or None."""
         i = bisect.bisect_right(self._starts, pfn) - 1
-        while i >= 0:
-            run = self._runs.get(self._starts[i])
-            if run is not None:
-                return run if pfn < run.end else None
-            i -= 1  # a dead start: runs never overlap, look at the one before
-        return None
+        if i < 0:
+            return None
+        # A removed run's start: no live run holds pfn either, since runs
+        # never overlap and pfns are never reused (a run before it ends
+        # before it).
+        run = self._runs.get(self._starts[i])
+        return run if run is not None and pfn < run.end else None
 
     def page(self, pfn: int) -> Optional[Tuple[FolioRun, int]]:
         """(run, offset) of the live page ``pfn``, or None."""

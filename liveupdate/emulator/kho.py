@@ -40,7 +40,7 @@ import logging
 import os
 import struct
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Set, Tuple, Union
 
 from . import abi
 from .folio_runs import FolioMap, FolioRun, FolioTablePage, ENTRIES_PER_PAGE
@@ -422,7 +422,8 @@ class KHO:
         while p < end:
             if p in self.incoming:
                 self.incoming.discard(p)
-                out.append(self.memory.pages.pop(p, None) or bytearray())
+                page: Optional[Page] = self.memory.pages.pop(p, None)
+                out.append(page if page is not None else bytearray())
                 p += 1
                 done += 1
                 continue

@@ -27,6 +27,7 @@ import logging
 from typing import Any, Dict, List, Optional, Protocol, Tuple
 
 from . import abi
+from .file_handler import FileHandler
 from .kfile import KernelFile
 from .kho import KHO
 from .kho_block import BlockSet
@@ -68,7 +69,7 @@ class LuoFile:
 
     __slots__ = ("fh", "file", "serialized_data", "private_data", "retrieve_status", "token")
 
-    def __init__(self, fh: Any, file: Optional[KernelFile], token: int) -> None:
+    def __init__(self, fh: FileHandler, file: Optional[KernelFile], token: int) -> None:
         self.fh = fh
         self.file = file
         self.serialized_data = 0
@@ -153,17 +154,20 @@ class LuoFiles:
 
     def __init__(self, kernel: "KernelParts") -> None:
         self.kernel = kernel
-        self.handlers: List[Any] = []
+        self.handlers: List[FileHandler] = []
         self.preserved: Dict[Any, "tuple[KernelFile, FileSet]"] = {}
 
-    def register_handler(self, fh: Any) -> None:
-        """liveupdate_register_file_handler(). EEXIST for a compatible
-        string already registered."""
+    def register_handler(self, fh: FileHandler) -> None:
+        """liveupdate_register_file_handler() of one kernel. EINVAL for what
+        is not a FileHandler (the contract: .file_handler), EEXIST for a
+        compatible string already registered."""
+        if not isinstance(fh, FileHandler):
+            raise OSError(errno.EINVAL, f"{fh!r} is not a FileHandler")
         if any(other.compatible == fh.compatible for other in self.handlers):
             raise OSError(errno.EEXIST, f"file handler {fh.compatible!r} already registered")
         self.handlers.append(fh)
 
-    def handler_for(self, compatible_field: bytes) -> Optional[Any]:
+    def handler_for(self, compatible_field: bytes) -> Optional[FileHandler]:
         # strcmp against the 48-byte field: equal only if the field holds
         # the handler's string followed by a NUL.
         for fh in self.handlers:
@@ -251,9 +255,7 @@ def _unfreeze_until(file_set: FileSet, failed: Optional[LuoFile]) -> None:
     for luo_file in file_set.files:
         if luo_file is failed:
             break
-        unfreeze_one = getattr(luo_file.fh, "unfreeze", None)
-        if unfreeze_one is not None:
-            unfreeze_one(luo_file.args())
+        luo_file.fh.unfreeze(luo_file.args())
     file_set.block_set.clear()
 
 
@@ -301,8 +303,7 @@ def finish(files: LuoFiles, file_set: FileSet) -> None:
     if not file_set.count:
         return
     for luo_file in file_set.files:
-        can_finish = getattr(luo_file.fh, "can_finish", None)
-        if can_finish is not None and not can_finish(luo_file.args()):
+        if not luo_file.fh.can_finish(luo_file.args()):
             raise OSError(errno.EBUSY, f"the handler of token {luo_file.token} cannot finish yet")
     while file_set.files:
         luo_file = file_set._pop()

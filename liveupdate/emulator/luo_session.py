@@ -261,7 +261,7 @@ class SessionGlobal:
         memory = self.kernel.kho.memory
         it = header.block_set.iterator()
         slots = [it.reserve_entry() for _ in header.sessions]
-        for session, slot in reversed(list(zip(header.sessions.values(), slots))):
+        for session, slot in reversed(list(zip(header.sessions.values(), slots, strict=True))):
             if slot is None:
                 continue
             luo_file.unfreeze(session.file_set, slot + abi.NAME_LENGTH)

@@ -52,17 +52,54 @@ import fcntl
 import os
 import stat
 import warnings
-from typing import Any, Container, List, Optional, Tuple
+from typing import Any, Container, Dict, List, NamedTuple, Optional, Tuple
 
-from . import _host, abi
-from .folio_runs import ENTRIES_PER_PAGE, Run, table_runs
+from . import _host, abi, file_handler
+from .file_handler import Problem
+from .folio_runs import ENTRIES_PER_PAGE, FolioTable, Run, table_runs
 from .kfile import KernelFile
-from .kho import KHO, PAGE_SHIFT, PAGE_SIZE, Backing
+from .kho import KHO, PAGE_SHIFT, PAGE_SIZE, Backing, PhysicalMemory
 
-__all__ = ["MemfdHandler"]
+__all__ = ["MemfdHandler", "Memfd", "seal_names"]
 
 _FOLIO_FLAGS = abi.MEMFD_LUO_FOLIO_DIRTY | abi.MEMFD_LUO_FOLIO_UPTODATE
 _MAX_FOLIOS = 0xFFFFFFFF  # memfd_pin_folios() counts folios in an unsigned int
+
+
+class Memfd(NamedTuple):
+    pa: int
+    token: int
+    pos: int
+    size: int
+    seals: int
+    flags: int
+    nr_folios: int
+    folios: "FolioTable | Tuple[Tuple[int, int, int], ...]"  # (pfn, flags, index)
+
+    #: Where ``liveupdate inspect`` shows it (see file_handler).
+    inspect_key = "memfd"
+
+    def inspect_fields(self) -> Dict[str, int]:
+        return {"pa": self.pa, "size": self.size, "pos": self.pos, "seals": self.seals, "flags": self.flags,
+                "folios": self.nr_folios}
+
+    def inspect_summary(self) -> str:
+        return (f"memfd of {self.size} bytes, position {self.pos}, seals {seal_names(self.seals)}, "
+                f"{self.nr_folios} folio(s)")
+
+
+_SEALS = ((0x1, "seal"), (0x2, "shrink"), (0x4, "grow"), (0x8, "write"), (0x10, "future-write"), (0x20, "exec"))
+
+
+def seal_names(seals: int) -> str:
+    """F_SEAL_* bits as words: 0x5 -> "seal,grow"."""
+    names = [name for bit, name in _SEALS if seals & bit]
+    unknown = seals & ~sum(bit for bit, _ in _SEALS)
+    if unknown:
+        names.append(f"{unknown:#x}")
+    return ",".join(names) or "none"
+
+
 
 
 class _Private:
@@ -79,16 +116,21 @@ class _Private:
         self.seals = seals
 
 
-class MemfdHandler:
+@file_handler.register
+class MemfdHandler(file_handler.FileHandler):
     """liveupdate_file_handler for memfds, bound to one kernel's KHO."""
 
     compatible = abi.MEMFD_LUO_FH_COMPATIBLE
 
     def __init__(self, kho: KHO, in_use: Optional[Container[Any]] = None) -> None:
-        self.kho = kho
-        # The kernel's index of files held by sessions (luo_preserved_files):
-        # the no-copy retrieve must not hand out an inode already held.
-        self.in_use: Container[Any] = in_use if in_use is not None else ()
+        # in_use: the kernel's index of files held by sessions
+        # (luo_preserved_files): the no-copy retrieve must not hand out an
+        # inode already held.
+        super().__init__(kho, in_use if in_use is not None else ())
+
+    @classmethod
+    def walk(cls, memory: PhysicalMemory, pa: int, token: int, visited: Dict[int, str]) -> List[Any]:
+        return _walk(memory, pa, token, visited)
 
     # -- identity -------------------------------------------------------------
     def can_preserve(self, file: KernelFile) -> bool:
@@ -420,6 +462,58 @@ def _copy_pages(backing: Backing, page: int, dst: int, dst_off: int, length: int
                 pos += len(chunk)
     finally:
         backing.file.give_back(src)
+
+
+def _walk(memory: PhysicalMemory, pa: int, token: int, visited: Dict[int, str]) -> List[Any]:
+    """The Memfd record at ``pa`` and the Problems of its folio array,
+    every page of it decoded once (see FileHandler.walk)."""
+    out: List[Any] = []
+    where = f"memfd token {token}"
+    owner = visited.get(pa >> PAGE_SHIFT)
+    if owner is not None:
+        return [Problem(where, f"record at {pa:#x} is a page of {owner} too (a page restores only once): "
+                               f"not decoded again")]
+    visited[pa >> PAGE_SHIFT] = where
+    pos, size, seals, flags, nr, desc = abi.MEMFD_SER.unpack(memory.read(pa, abi.MEMFD_SER.size))
+    first, total, _vm_flags, order = abi.KHO_VMALLOC.unpack(desc)
+    pages: List[int] = []
+    chunk = first
+    shared = False
+    while chunk and len(pages) <= total:
+        if chunk >> PAGE_SHIFT in visited:
+            shared = True
+            break
+        visited[chunk >> PAGE_SHIFT] = f"the folio array of {where}"
+        raw = memory.read(chunk, PAGE_SIZE)
+        for i in range(abi.KHO_VMALLOC_SIZE):
+            phys = abi.U64.unpack_from(raw, 8 + 8 * i)[0]
+            if not phys:
+                break
+            pages.append(phys)
+        chunk = abi.U64.unpack_from(raw, 0)[0]
+    if chunk:
+        out.append(Problem(where, "folio array chunks form a cycle, overflow or are shared" if not shared else
+                           f"folio array chunk at {chunk:#x} was reached before (a page restores only once)"))
+    if len(pages) != total:
+        out.append(Problem(where, f"folio array lists {len(pages)} pages, descriptor says {total}"))
+    # Only as many pages as the entries claimed need, each once.
+    wanted = min(max(0, total), -(-nr // ENTRIES_PER_PAGE))
+    objects: List[object] = []
+    for phys in pages[:wanted]:
+        pfn = phys >> PAGE_SHIFT
+        if pfn in visited or (phys % PAGE_SIZE and pfn + 1 in visited):
+            out.append(Problem(where, f"folio array page at {phys:#x} was reached before (a page restores only "
+                                      f"once): the array stops there"))
+            break
+        visited[pfn] = f"the folio array of {where}"
+        page = memory.pages.get(pfn) if not phys % PAGE_SIZE else None
+        objects.append(page if page is not None else memory.read(phys, PAGE_SIZE))
+    folios = FolioTable(objects, min(nr, len(objects) * ENTRIES_PER_PAGE))
+    count = len(folios)
+    if count != nr:
+        out.append(Problem(where, f"{nr} folios claimed, the array holds {count}"))
+    out.insert(0, Memfd(pa, token, pos, size, seals, flags, nr, folios))
+    return out
 
 
 #: MFD_EXEC (Linux 6.3): the kernel's memfd_alloc_file() makes a 0777 inode

@@ -28,11 +28,12 @@ tuple of (pfn, flags, index) entries, kept as runs. Example (REPL)::
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, NamedTuple, Set, Tuple, Union
+from typing import Any, Dict, Iterator, List, NamedTuple, Set, Tuple, Union
 
-from . import abi, kho_block
-from .folio_runs import ENTRIES_PER_PAGE, FolioTable
-from .kho import PAGE_SHIFT, PAGE_SIZE, Handover, PhysicalMemory
+from . import abi, file_handler, kho_block
+from .file_handler import Problem
+from .kho import PAGE_SHIFT, Handover, PhysicalMemory
+from .memfd_luo import Memfd
 
 __all__ = ["walk", "Subtree", "Root", "Block", "Session", "File", "Memfd", "Problem"]
 
@@ -75,23 +76,8 @@ class File(NamedTuple):
     data: int
 
 
-class Memfd(NamedTuple):
-    pa: int
-    token: int
-    pos: int
-    size: int
-    seals: int
-    flags: int
-    nr_folios: int
-    folios: "FolioTable | Tuple[Tuple[int, int, int], ...]"  # (pfn, flags, index)
-
-
-class Problem(NamedTuple):
-    where: str
-    message: str
-
-
-Record = Union[Subtree, Root, Block, Session, File, Memfd, Problem]
+#: Records of the walk itself; a file's handler adds its own (memfd: Memfd).
+Record = Union[Subtree, Root, Block, Session, File, Memfd, Problem, Any]
 
 
 def _memory_of(source: object) -> Tuple[PhysicalMemory, Handover]:
@@ -141,56 +127,6 @@ def _chain(memory: PhysicalMemory, head: int, entry_size: int, label: str,
     return entries
 
 
-def _memfd(memory: PhysicalMemory, pa: int, token: int, visited: Dict[int, str]) -> List[Record]:
-    out: List[Record] = []
-    where = f"memfd token {token}"
-    owner = visited.get(pa >> PAGE_SHIFT)
-    if owner is not None:
-        return [Problem(where, f"record at {pa:#x} is a page of {owner} too (a page restores only once): "
-                               f"not decoded again")]
-    visited[pa >> PAGE_SHIFT] = where
-    pos, size, seals, flags, nr, desc = abi.MEMFD_SER.unpack(memory.read(pa, abi.MEMFD_SER.size))
-    first, total, _vm_flags, order = abi.KHO_VMALLOC.unpack(desc)
-    pages: List[int] = []
-    chunk = first
-    shared = False
-    while chunk and len(pages) <= total:
-        if chunk >> PAGE_SHIFT in visited:
-            shared = True
-            break
-        visited[chunk >> PAGE_SHIFT] = f"the folio array of {where}"
-        raw = memory.read(chunk, PAGE_SIZE)
-        for i in range(abi.KHO_VMALLOC_SIZE):
-            phys = abi.U64.unpack_from(raw, 8 + 8 * i)[0]
-            if not phys:
-                break
-            pages.append(phys)
-        chunk = abi.U64.unpack_from(raw, 0)[0]
-    if chunk:
-        out.append(Problem(where, "folio array chunks form a cycle, overflow or are shared" if not shared else
-                           f"folio array chunk at {chunk:#x} was reached before (a page restores only once)"))
-    if len(pages) != total:
-        out.append(Problem(where, f"folio array lists {len(pages)} pages, descriptor says {total}"))
-    # Only as many pages as the entries claimed need, each once.
-    wanted = min(max(0, total), -(-nr // ENTRIES_PER_PAGE))
-    objects: List[object] = []
-    for phys in pages[:wanted]:
-        pfn = phys >> PAGE_SHIFT
-        if pfn in visited or (phys % PAGE_SIZE and pfn + 1 in visited):
-            out.append(Problem(where, f"folio array page at {phys:#x} was reached before (a page restores only "
-                                      f"once): the array stops there"))
-            break
-        visited[pfn] = f"the folio array of {where}"
-        page = memory.pages.get(pfn) if not phys % PAGE_SIZE else None
-        objects.append(page if page is not None else memory.read(phys, PAGE_SIZE))
-    folios = FolioTable(objects, min(nr, len(objects) * ENTRIES_PER_PAGE))
-    count = len(folios)
-    if count != nr:
-        out.append(Problem(where, f"{nr} folios claimed, the array holds {count}"))
-    out.insert(0, Memfd(pa, token, pos, size, seals, flags, nr, folios))
-    return out
-
-
 def walk(source: object) -> Iterator[Record]:
     """Decode the handover of ``source`` (see the module doc)."""
     memory, handover = _memory_of(source)
@@ -204,7 +140,7 @@ def walk(source: object) -> Iterator[Record]:
     yield Root(root_pa, abi.cstr(compatible), num, sessions_pa, flbs_pa)
     if root_size < abi.LUO_SER.size:
         yield Problem("root", f"LUO subtree is {root_size} bytes, smaller than the 32-byte root")
-    if compatible != abi.LUO_ABI_COMPATIBLE.ljust(abi.LUO_ABI_COMPAT_LEN, b"\0"):
+    if not abi.compatible_is(compatible, abi.LUO_ABI_COMPATIBLE):
         yield Problem("root", f"compatible {abi.cstr(compatible)!r} is not 'luo-v5'")
     records: List[Record] = []
     visited: Dict[int, str] = {root_pa >> PAGE_SHIFT: "the LUO root"}
@@ -223,7 +159,9 @@ def walk(source: object) -> Iterator[Record]:
         for fentry in file_entries:
             fcompat, data, token = abi.FILE_SER.unpack(memory.read(fentry, abi.FILE_SER.size))
             yield File(fentry, name, abi.cstr(fcompat), token, data)
-            if fcompat[:9] == abi.MEMFD_LUO_FH_COMPATIBLE + b"\0" and data:
-                yield from _memfd(memory, data, token, visited)
-            elif fcompat[:9] != abi.MEMFD_LUO_FH_COMPATIBLE + b"\0":
+            handler = file_handler.handler_class(fcompat)
+            if handler is None:
                 yield Problem(label, f"token {token}: no handler for {abi.cstr(fcompat)!r}")
+            elif data:
+                # What the file's handler says its record holds (memfd: Memfd).
+                yield from handler.walk(memory, data, token, visited)

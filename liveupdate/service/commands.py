@@ -19,7 +19,7 @@ from . import budget, client, paths
 __all__ = ["add_arguments", "serve", "run_kexec", "run_status"]
 
 
-def add_arguments(actions: "argparse._SubParsersAction") -> None:
+def add_arguments(actions: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the ``serve``, ``kexec`` and ``status`` actions to ``actions``
     (each sets ``func(args) -> int`` and ``command_path``)."""
     socket_help = ("the service's socket (default: $LIVEUPDATE_EMULATOR, else "
@@ -47,7 +47,7 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
                               + budget_help % "a quarter of the physical memory")
     serve_p.add_argument("--fds-per-client", metavar="N", type=int,
                          help="fds of the service one client's connections, sessions and files may hold "
-                              + budget_help % "a quarter of --fds-total")
+                              + budget_help % "half of --fds-total")
     serve_p.add_argument("--fds-total", metavar="N", type=int,
                          help="fds of the service all clients may hold "
                               + budget_help % f"the hard RLIMIT_NOFILE less {budget.FD_HEADROOM}")
@@ -164,7 +164,16 @@ def run_status(socket_path: Optional[str] = None, timeout: Optional[float] = Non
 
 
 def kexec_command(args: argparse.Namespace) -> int:
-    info = run_kexec(args.socket, args.timeout, say=lambda line: print(line, file=sys.stderr, flush=True))
+    from .kexec_progress import with_progress
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    try:  # where the service writes its image, for the progress lines
+        image = run_status(args.socket, args.timeout).get("image")
+    except OSError:
+        image = None  # the kexec itself reports why
+    info = with_progress(lambda: run_kexec(args.socket, args.timeout, say=say), image, say)
     image = f"; image {info['image']} written" if info.get("image") else ""
     sys.stdout.write(f"emulated kexec done: boot {info['boot']}{image}\n")
     return 0

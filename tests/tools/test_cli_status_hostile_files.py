@@ -5,7 +5,6 @@ JSON, each damaged file is named for what it is (never "missing"), and the
 process stays small (its peak RSS is measured; no timing is asserted)."""
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import subprocess
@@ -23,15 +22,15 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 #: bomb whole takes (its 256 MiB, twice over).
 RSS_LIMIT_KB = 150 * 1024
 
-# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork and
-# exec, so a child of a big pytest process would report pytest's peak.
+# VmHWM, not getrusage's ru_maxrss: that one carries the forking parent's
+# peak (pytest's, after a long run) into the child.
 RUN = """
 import sys
 from liveupdate.cli import main
 code = main(sys.argv[1:])
 sys.stdout.flush()
-with open("/proc/self/status") as f:
-    hwm = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+with open("/proc/self/status") as status:
+    hwm = next(line for line in status if line.startswith("VmHWM:")).split()[1]
 sys.stderr.write("maxrss=%s\\n" % hwm)
 sys.exit(code)
 """

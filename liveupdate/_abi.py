@@ -25,7 +25,9 @@ import struct
 
 TYPE_CHECKING = False  # typing is for annotations only: a cheap import (see device.py)
 if TYPE_CHECKING:
-    from typing import Dict, Tuple
+    from typing import Any, Dict, Optional, Set, Tuple
+
+    import cffi
 
 __all__ = [
     "COMMAND_TABLE",
@@ -58,10 +60,10 @@ def _read(filename: str) -> str:
         return f.read()
 
 
-def constants(text: str) -> dict:
+def constants(text: str) -> "Dict[str, int]":
     """``#define NAME NUMBER`` lines and ``NAME = NUMBER,`` enum members of
     a cdefs header, by name (what cffi's ``lib.NAME`` gives)."""
-    found = {}
+    found: "Dict[str, int]" = {}
     for line in text.splitlines():
         words = line.replace("=", " = ").replace(",", " ").split()
         if len(words) == 3 and words[0] == "#define" or len(words) == 3 and words[1] == "=":
@@ -114,14 +116,18 @@ class Command:
     ``nr`` is the command number, or the name of the cdefs constant that
     holds it; ``last`` the last field the kernel needs (the minimum size is
     where it ends); ``fd_result`` and ``fd_arg`` the offsets of a new fd in
-    the result and of the caller's fd in the argument, or None."""
+    the result and of the caller's fd in the argument, or None;
+    ``unknown_if_einval`` that EINVAL from it, with the arguments the
+    library sends, can only mean a kernel without the command (it refuses
+    a number beyond its table with EINVAL): see errors.wrap_ioctl."""
 
     __slots__ = ("name", "nr", "number", "ctype", "packer", "fields", "min_size", "target", "states",
-                 "fd_result", "fd_arg")
+                 "fd_result", "fd_arg", "unknown_if_einval")
 
     def __init__(self, name: str, nr: "int | str", ctype: str, packer: struct.Struct,
                  fields: "Tuple[Tuple[str, int, int], ...]", last: str, target: str,
-                 states: "Tuple[str, ...]", fd_result: "int | None", fd_arg: "int | None" = None) -> None:
+                 states: "Tuple[str, ...]", fd_result: "int | None", fd_arg: "int | None" = None,
+                 unknown_if_einval: bool = False) -> None:
         if target not in CMD_BASE:
             raise ValueError(f"{name}: target must be 'device' or 'session', not {target!r}")
         self.name = name
@@ -141,6 +147,7 @@ class Command:
         self.fd_result = fd_result
         #: offset of an fd of the caller's in the argument, or None
         self.fd_arg = fd_arg
+        self.unknown_if_einval = unknown_if_einval
 
     @property
     def size(self) -> int:
@@ -176,7 +183,9 @@ COMMAND_TABLE: "Tuple[Command, ...]" = (
             "session", ("incoming",), None),
     Command("LIVEUPDATE_SESSION_GET_NAME", "LIVEUPDATE_CMD_SESSION_GET_NAME",
             "struct liveupdate_session_get_name", GET_NAME,
-            (("size", 0, 4), ("reserved", 4, 4), ("name", 8, NAME_LENGTH)), "name", "session", _ANY, None),
+            (("size", 0, 4), ("reserved", 4, 4), ("name", 8, NAME_LENGTH)), "name", "session", _ANY, None,
+            # Any session, reserved 0, the full size: EINVAL is only "no such command".
+            unknown_if_einval=True),
 )
 
 #: ioctl number -> its row.
@@ -216,16 +225,17 @@ def unregister(command: Command) -> None:
 
 
 #: struct name -> (packer, [(field, offset)]) for the layout check.
-LAYOUTS = {c.ctype: (c.packer, [(f, o) for f, o, _ in c.fields]) for c in COMMAND_TABLE}
+LAYOUTS: "Dict[str, Tuple[struct.Struct, list[Tuple[str, int]]]]" = {
+    c.ctype: (c.packer, [(f, o) for f, o, _ in c.fields]) for c in COMMAND_TABLE}
 
 
 # -- cffi, for what needs it ---------------------------------------------------
 
-_ffi = None
-_loaded = set()
+_ffi: "Optional[cffi.FFI]" = None
+_loaded: "Set[str]" = set()
 
 
-def _cffi():
+def _cffi() -> "cffi.FFI":
     """The project's one cffi layer, made on first use, with the layout
     check run against it."""
     global _ffi
@@ -251,11 +261,11 @@ def load_cdefs(filename: str) -> None:
         _loaded.add(filename)
 
 
-def check_layouts(ffi=None) -> None:
+def check_layouts(ffi: "Optional[cffi.FFI]" = None) -> None:
     """Check every packer, offset and constant of this module against
     cffi's parse of the header. Raises ImportError on a mismatch."""
     ffi = ffi or _cffi()
-    lib = ffi.dlopen(None)
+    lib: Any = ffi.dlopen(None)  # its attributes are the header's constants
     for name, value in _C.items():
         if getattr(lib, name) != value:
             raise ImportError(f"liveupdate: {name} is {getattr(lib, name)} in cdefs, {value} as read here")
@@ -267,7 +277,7 @@ def check_layouts(ffi=None) -> None:
                 raise ImportError(f"liveupdate: {ctype}.{field} is at {ffi.offsetof(ctype, field)}, packer says {offset}")
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> "cffi.FFI":
     # ``_abi.ffi`` for the modules (and tests) that use cffi: made lazily.
     if name == "ffi":
         return _cffi()

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     _H = TypeVar("_H", bound="Handle")
 
-from . import errors
+from . import _abi, errors
 
 __all__ = ["Handle"]
 
@@ -64,7 +64,7 @@ class Handle:
             if not isinstance(exc, OSError):
                 raise exc
             if exc.errno != errno.EINTR:
-                raise errors.wrap(exc, op, **self._op_args(), **args) from None
+                raise errors.wrap_ioctl(exc, op, _abi.BY_NUMBER.get(cmd), **self._op_args(), **args) from None
             try:
                 return self._port.ioctl(self._fd, cmd, arg)
             except (OSError, ValueError) as again:
@@ -104,7 +104,8 @@ class Handle:
 
     def __del__(self) -> None:
         if getattr(self, "_fd", -1) >= 0:
-            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)
+            # No stacklevel: the garbage collector calls this, no caller is to blame.
+            warnings.warn(f"unclosed {self!r}", ResourceWarning, source=self)  # noqa: B028
             try:
                 self.close()
             except OSError:

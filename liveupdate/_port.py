@@ -49,7 +49,11 @@ class DevicePort:
 
     kind = "device"
     # fcntl.ioctl itself, not a wrapper: the hot path pays for one C call.
-    ioctl = staticmethod(fcntl.ioctl)
+    if TYPE_CHECKING:
+        @staticmethod
+        def ioctl(fd: int, cmd: int, arg: bytes) -> bytes: ...  # what fcntl.ioctl does with bytes
+    else:
+        ioctl = staticmethod(fcntl.ioctl)
     close = staticmethod(os.close)
 
     @staticmethod

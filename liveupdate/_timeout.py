@@ -47,7 +47,7 @@ def from_text(text: str, op: str, source: str) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise make(errno.EINVAL, op, f"{source} is not a number of seconds", **{"timeout": text}) from None
+        raise make(errno.EINVAL, op, f"{source} is not a number of seconds", timeout=text) from None
     try:
         return seconds(value, op)
     except OSError:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import errno
-import os
 import time
 # Typing names are for annotations only (strings, under the __future__
 # import): importing typing would cost every program's start (it pulls in
 # re, enum, functools ...), which a daemon's blackout after a kexec includes.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from typing import Any, Dict, Optional
+    from typing import Any, Callable, Dict, Optional
 
 from . import _abi, _args, _port, _timeout, errors
 from ._handle import Handle
@@ -31,18 +30,20 @@ _SESSION_ARG_SIZE = _abi.CREATE_SESSION.size
 _NAME_MAX = _abi.NAME_MAX
 
 
-def _fast_name(name: Any) -> Optional[bytes]:
+def _fast_name(name: object) -> Optional[bytes]:
     """The common case of a valid name, checked cheaply; None sends the
     caller to _args.name(), which explains what is wrong."""
     if type(name) is str:
         try:
-            name = name.encode()
+            raw = name.encode()
         except UnicodeEncodeError:
             return None
-    elif type(name) is not bytes:
+    elif type(name) is bytes:
+        raw = name
+    else:
         return None
-    if 0 < len(name) <= _abi.NAME_MAX and b"\0" not in name:
-        return name
+    if 0 < len(raw) <= _abi.NAME_MAX and b"\0" not in raw:
+        return raw
     return None
 
 
@@ -63,6 +64,8 @@ class Device(Handle):
     after the device is closed; only their own fds keep them."""
 
     __slots__ = ("_ioctl", "_path")
+    _ioctl: "Callable[[int, int, bytes], bytes]"  # the port's, looked up once: the hot path's call
+    _path: str
     _kind = "device"
 
     def __init__(self) -> None:
@@ -157,7 +160,7 @@ class Device(Handle):
 
 def _open_error(exc: OSError, path: str, timeout: float, kind: str,
                 no_device_hint: str = _NO_DEVICE_HINT) -> errors.LiveUpdateError:
-    args: dict = {"path": path}
+    args: "Dict[str, Any]" = {"path": path}
     if timeout:
         args["timeout"] = timeout
     if exc.errno == errno.EBUSY:

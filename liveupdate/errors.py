@@ -43,6 +43,7 @@ __all__ = [
     "error_class",
     "make",
     "wrap",
+    "wrap_ioctl",
 ]
 
 
@@ -229,3 +230,19 @@ def wrap(exc: OSError, op: str, **args: Any) -> LiveUpdateError:
     if isinstance(exc, LiveUpdateError) and exc.detail:
         detail = exc.detail
     return make(exc.errno, op, detail, **args)
+
+
+def wrap_ioctl(exc: OSError, op: str, command: Any, **args: Any) -> LiveUpdateError:
+    """:func:`wrap` for a failed ioctl, whose row of the command table is
+    ``command`` (or None). A kernel that lacks the command answers ENOTTY
+    (a number it does not know exactly) or EINVAL (a number beyond its
+    table); the first always means that, the second only for the commands
+    whose row says EINVAL cannot mean anything else with the arguments this
+    library sends (``unknown_if_einval``). Either way the error keeps the
+    kernel's errno and says, once, which command this kernel does not
+    support."""
+    err = exc.errno
+    if err is not None and command is not None and (err == _errno.ENOTTY or err == _errno.EINVAL and command.unknown_if_einval):
+        return make(err, op, f"this kernel does not support {command.name} (ioctl {command.number:#x}); "
+                             "it needs a newer Live Update kernel", **args)
+    return wrap(exc, op, **args)

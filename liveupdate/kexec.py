@@ -18,9 +18,10 @@ from __future__ import annotations
 import errno
 import os
 import platform
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from . import _abi
 from .errors import make
@@ -41,13 +42,25 @@ __all__ = [
 PathLike = Union[str, "os.PathLike[str]"]
 
 _abi.load_cdefs("kexec.h")
-_lib = _abi.ffi.dlopen(None)
+_lib: Any = _abi.ffi.dlopen(None)  # its attributes are the header's constants and syscall()
 
 KEXEC_FILE_UNLOAD: int = _lib.KEXEC_FILE_UNLOAD
 KEXEC_FILE_NO_INITRAMFS: int = _lib.KEXEC_FILE_NO_INITRAMFS
 LINUX_REBOOT_MAGIC1: int = _lib.LINUX_REBOOT_MAGIC1
 LINUX_REBOOT_MAGIC2: int = _lib.LINUX_REBOOT_MAGIC2
 LINUX_REBOOT_CMD_KEXEC: int = _lib.LINUX_REBOOT_CMD_KEXEC
+
+#: The kernel's COMMAND_LINE_SIZE on x86-64 and arm64 (arch/*/include/asm/setup.h):
+#: the bytes of a command line, its terminating NUL included, that the next
+#: kernel takes; a longer one is EINVAL from kexec_file_load.
+COMMAND_LINE_SIZE = 2048
+#: The largest kernel image and initrd a load accepts. The kernel reads both
+#: whole into its memory before it looks at them; real kernel images are
+#: 10 to 100 MB and initrds rarely reach 1 GB, so a file above these is a
+#: mistake (a disk image, a sparse file) that would only exhaust memory.
+KERNEL_MAX = 512 << 20
+INITRD_MAX = 2 << 30
+_CMDLINE_SHOWN = 120  # characters of a command line an error message shows
 
 # platform.machine() spellings -> (kexec_file_load, reboot).
 _NUMBERS: Dict[str, Tuple[int, int]] = {
@@ -130,14 +143,124 @@ def running_cmdline(proc: PathLike = "/proc") -> str:
     not mounted)."""
     path = Path(proc) / "cmdline"
     try:
-        text = path.read_text(encoding="utf-8", errors="surrogateescape")
+        # Bounded and non-blocking: a FIFO or /dev/zero in its place must
+        # not hang the load; the kernel's own is under COMMAND_LINE_SIZE.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            raw = os.read(fd, 64 * 1024)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise make(exc.errno or errno.EIO, "running_cmdline", "cannot read the running command line", path=str(path)) from exc
-    return _cmdline_from(text)
+    return _cmdline_from(raw.decode("utf-8", errors="surrogateescape"))
 
 
 def _quote(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """``text`` in double quotes, C style, with every character that is not
+    printable escaped: what --append holds must not drive the terminal."""
+    out = ['"']
+    for ch in text:
+        code = ord(ch)
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch.isprintable():
+            out.append(ch)
+        elif 0xDC80 <= code <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        else:
+            out.append(f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    out.append('"')
+    return "".join(out)
+
+
+def _shown(cmdline: Optional[str]) -> Optional[str]:
+    """A command line as an error message shows it: the start of it only."""
+    if cmdline is None or len(cmdline) <= _CMDLINE_SHOWN:
+        return cmdline
+    return f"{cmdline[:_CMDLINE_SHOWN]}... ({len(cmdline)} characters)"
+
+
+def _path_arg(value: Any, label: str) -> Path:
+    """A kernel or initrd path; EINVAL for an empty one (Path('') would be
+    the current directory)."""
+    try:
+        text = os.fspath(value)
+    except TypeError:
+        raise make(errno.EINVAL, "kexec_file_load", f"the {label} is a path, not {type(value).__name__}",
+                   **{label: repr(value)}) from None
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    if not text:
+        raise make(errno.EINVAL, "kexec_file_load", f"the {label} path is empty", **{label: text})
+    return Path(text)
+
+
+def open_image(path: Path, label: str, limit: int) -> int:
+    """An fd on the kernel or initrd at ``path``, checked for what
+    kexec_file_load can take: opened without blocking (a FIFO would block
+    the open for ever), a regular file, not empty, at most ``limit`` bytes.
+
+    Raises OSError: ENOENT, ELOOP (a symbolic link loop), EACCES, EISDIR,
+    EINVAL (a FIFO, a device), EFBIG (above ``limit``), ENOEXEC (empty)."""
+    args = {label: str(path)}
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        err = exc.errno or errno.EIO
+        why = {
+            errno.ENOENT: f"the {label} does not exist",
+            errno.ELOOP: f"the {label} path is a loop of symbolic links",
+            errno.EACCES: f"the {label} is not readable by this user",
+            errno.EISDIR: f"the {label} is a directory",
+        }.get(err, f"cannot open the {label}")
+        raise make(err, "kexec_file_load", why, **args) from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise make(errno.EISDIR, "kexec_file_load", f"the {label} is a directory", **args)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+                stat.S_ISBLK(st.st_mode) else "not a file"
+            raise make(errno.EINVAL, "kexec_file_load", f"the {label} is {kind}, not a regular file", **args)
+        if st.st_size == 0:
+            raise make(errno.ENOEXEC, "kexec_file_load", f"the {label} is empty", **args)
+        if st.st_size > limit:
+            raise make(errno.EFBIG, "kexec_file_load",
+                       f"the {label} is {st.st_size} bytes, more than the {limit >> 20} MiB any real one is",
+                       **args)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_image(path: Path, label: str, limit: int) -> None:
+    os.close(open_image(path, label, limit))
+
+
+def _encode_cmdline(cmdline: Any, kernel: Path) -> bytes:
+    """The command line's bytes; EINVAL for what the kernel cannot take."""
+    if not isinstance(cmdline, str):
+        raise make(errno.EINVAL, "kexec_file_load", f"the command line is a str, not {type(cmdline).__name__}",
+                   kernel=str(kernel), cmdline=_shown(repr(cmdline)))
+    if "\0" in cmdline:
+        raise make(errno.EINVAL, "kexec_file_load", "the command line contains a NUL byte", kernel=str(kernel),
+                   cmdline=_shown(cmdline))
+    try:
+        # surrogateescape: bytes of /proc/cmdline that were not UTF-8 go back as they were.
+        encoded = cmdline.encode("utf-8", errors="surrogateescape")
+    except UnicodeEncodeError as exc:
+        raise make(errno.EINVAL, "kexec_file_load",
+                   f"the command line holds {exc.object[exc.start]!r} at {exc.start}, a lone surrogate no byte "
+                   f"encodes", kernel=str(kernel), cmdline=_shown(cmdline)) from None
+    if len(encoded) + 1 > COMMAND_LINE_SIZE:
+        raise make(errno.EINVAL, "kexec_file_load",
+                   f"the command line is {len(encoded)} bytes; the kernel takes at most {COMMAND_LINE_SIZE - 1} "
+                   f"(COMMAND_LINE_SIZE {COMMAND_LINE_SIZE}, with its NUL)", kernel=str(kernel),
+                   cmdline=_shown(cmdline))
+    return encoded
 
 
 def plan_load(
@@ -155,22 +278,28 @@ def plan_load(
     takes the running one's instead (they exclude each other). With neither,
     the next kernel gets an empty command line.
 
-    Raises EINVAL (both command-line choices, or a NUL inside the command
-    line), ENOSYS (unknown architecture), and the OSError of reading
-    /proc/cmdline for ``reuse_cmdline``."""
-    kernel_path = Path(os.fspath(kernel))
-    initrd_path = Path(os.fspath(initrd)) if initrd is not None else None
+    The kernel and initrd are checked as :func:`open_image` says, so that a
+    dry run refuses what the load would.
+
+    Raises EINVAL (both command-line choices; an empty path; a command line
+    that is not a str, holds a NUL or a lone surrogate, or is longer than
+    COMMAND_LINE_SIZE; a FIFO or device), ENOENT, ELOOP, EACCES, EISDIR,
+    EFBIG, ENOEXEC (an empty file), ENOSYS (unknown architecture), and the
+    OSError of reading /proc/cmdline for ``reuse_cmdline``."""
+    kernel_path = _path_arg(kernel, "kernel")
+    initrd_path = _path_arg(initrd, "initrd") if initrd is not None else None
     if reuse_cmdline and cmdline is not None:
-        raise make(
-            errno.EINVAL, "kexec_load", "give cmdline or reuse_cmdline, not both", kernel=str(kernel_path), cmdline=cmdline
-        )
+        raise make(errno.EINVAL, "kexec_file_load", "give cmdline or reuse_cmdline, not both",
+                   kernel=str(kernel_path), cmdline=_shown(cmdline) if isinstance(cmdline, str) else repr(cmdline))
     if reuse_cmdline:
         cmdline = running_cmdline(proc)
-    if cmdline is not None and "\0" in cmdline:
-        raise make(errno.EINVAL, "kexec_load", "the command line contains a NUL byte", kernel=str(kernel_path), cmdline=cmdline)
+    encoded = _encode_cmdline(cmdline, kernel_path) if cmdline is not None else None
     number, _ = syscall_numbers(machine)
+    _check_image(kernel_path, "kernel", KERNEL_MAX)
+    if initrd_path is not None:
+        _check_image(initrd_path, "initrd", INITRD_MAX)
     flags = 0 if initrd_path is not None else KEXEC_FILE_NO_INITRAMFS
-    args = [("kernel_fd", kernel_path, f"open({_quote(str(kernel_path))}, O_RDONLY)")]
+    args: List[Tuple[str, Any, str]] = [("kernel_fd", kernel_path, f"open({_quote(str(kernel_path))}, O_RDONLY)")]
     if initrd_path is not None:
         args.append(("initrd_fd", initrd_path, f"open({_quote(str(initrd_path))}, O_RDONLY)"))
     else:
@@ -180,7 +309,7 @@ def plan_load(
         args += [("cmdline_len", 0, "0"), ("cmdline", None, "NULL")]
     else:
         # The kernel insists the buffer ends with its NUL and counts it.
-        encoded = cmdline.encode("utf-8", errors="surrogateescape")
+        assert encoded is not None
         args += [("cmdline_len", len(encoded) + 1, str(len(encoded) + 1)), ("cmdline", cmdline, _quote(cmdline))]
     flag_text = f"{flags:#x} (KEXEC_FILE_NO_INITRAMFS)" if flags else "0"
     args.append(("flags", flags, flag_text))
@@ -229,10 +358,10 @@ def _invoke(call: Syscall, op: str, **op_args: Any) -> None:
     try:
         for param, value, _ in call.args:
             if isinstance(value, Path):
-                try:
-                    fd = os.open(value, os.O_RDONLY | os.O_CLOEXEC)
-                except OSError as exc:
-                    raise make(exc.errno or errno.EIO, op, f"cannot open the {param[:-3]}", **{param[:-3]: str(value)}) from exc
+                # Checked again on the very fd the kernel reads: the file
+                # may have been swapped for a FIFO since the plan.
+                label = param[:-3]
+                fd = open_image(value, label, KERNEL_MAX if label == "kernel" else INITRD_MAX)
                 opened.append(fd)
                 values.append(ffi.cast("long", fd))
             elif value is None:
@@ -274,10 +403,10 @@ def load(
     call = plan_load(kernel, initrd=initrd, cmdline=cmdline, reuse_cmdline=reuse_cmdline)
     _invoke(
         call,
-        "kexec_load",
-        kernel=os.fspath(kernel),
-        initrd=os.fspath(initrd) if initrd is not None else None,
-        cmdline=call.argument("cmdline"),
+        "kexec_file_load",
+        kernel=str(call.argument("kernel_fd")),
+        initrd=str(call.argument("initrd_fd")) if initrd is not None else None,
+        cmdline=_shown(call.argument("cmdline")),
     )
     return call
 

@@ -47,6 +47,8 @@ class Session(Handle):
     """
 
     __slots__ = ("_name", "_state")
+    _name: "Optional[bytes]"  # as the kernel last said (None until asked, for an adopted fd)
+    _state: str
     _kind = "session"
 
     def __init__(self) -> None:
@@ -144,7 +146,8 @@ class Session(Handle):
             out = self._port.ioctl(self._fd, _RETRIEVE_FD, arg)
         except (OSError, ValueError) as exc:
             out = self._retry(exc, _RETRIEVE_FD, arg, "retrieve", token=token)
-        return _unpack_fd_token(out)[1]
+        fd: int = _unpack_fd_token(out)[1]
+        return fd
 
     def finish(self) -> None:
         """Tell the kernel the session is restored: it lets go of every file
@@ -172,7 +175,8 @@ class Session(Handle):
 
     def _get_name(self) -> bytes:
         out = self._call(_abi.SESSION_GET_NAME, _abi.GET_NAME.pack(_abi.GET_NAME.size, 0, b""), "get_name")
-        return _abi.GET_NAME.unpack(out)[2].split(b"\0", 1)[0]
+        name: bytes = _abi.GET_NAME.unpack(out)[2]
+        return name.split(b"\0", 1)[0]
 
     # -- plumbing ----------------------------------------------------------
 
@@ -221,7 +225,8 @@ class _Built(Session):
     nothing, and presents itself as Session."""
 
     __slots__ = ()
-    __init__ = object.__init__  # type: ignore[assignment]
+    if not TYPE_CHECKING:  # to checkers, Session's own __init__ signature
+        __init__ = object.__init__
 
 
 _Built.__name__ = _Built.__qualname__ = "Session"

@@ -72,13 +72,19 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Any, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, TypeVar
 
 import pytest
 
 from . import _atomic, _port, errors
 from .device import Device
 from .session import Session
+
+if TYPE_CHECKING:
+    from .emulator import Emulator
+
+#: What keep() is given back: the object itself, with its own type.
+Kept = TypeVar("Kept")
 
 __all__ = ["KexecHarness", "KexecRequested", "liveupdate_kexec", "liveupdate_systemd"]
 
@@ -211,21 +217,21 @@ class KexecHarness:
     left it at ``kexec()``, encoded to JSON and decoded again."""
 
     def __init__(self, backend: str, stage: int, nodeid: str,
-                 state: Optional[Dict[str, Any]] = None, emulator: Any = None) -> None:
+                 state: Optional[Dict[str, Any]] = None, emulator: "Optional[Emulator]" = None) -> None:
         self.backend = backend
         self.stage = stage
         self.nodeid = nodeid
         self.emulator = emulator
         self.state: Dict[str, Any] = state if state is not None else {}
-        self._devices: List[Any] = []
+        self._devices: List[Device] = []
         self._kept: List[Any] = []
         self._crossing: Dict[str, Any] = {}
 
-    def open(self, **kwargs: Any) -> Any:
+    def open(self, **kwargs: Any) -> Device:
         """Open the Live Update device of this stage's kernel (closed at the
         end of the test; sessions outlive it, as on the kernel)."""
         if self.backend == "emulator":
-            device = self.emulator.open(**kwargs)
+            device = self._emulator().open(**kwargs)
         else:
             import liveupdate
 
@@ -233,7 +239,13 @@ class KexecHarness:
         self._devices.append(device)
         return device
 
-    def keep(self, obj: Any) -> Any:
+    def _emulator(self) -> "Emulator":
+        if self.emulator is None:
+            raise errors.make(errno.ENODEV, "open", "this stage runs on the kernel, not an emulator",
+                              test=self.nodeid)
+        return self.emulator
+
+    def keep(self, obj: Kept) -> Kept:
         """Keep ``obj`` (a session, an fd, or anything with ``close()``)
         alive and open until the kexec; returns it. On the emulator it is
         closed right after the kexec, as a real kexec would have.
@@ -259,7 +271,7 @@ class KexecHarness:
         crossing = _as_json(self.state)
         if self.backend == "emulator":
             dropped = self._close_unkept()
-            self.emulator.kexec()
+            self._emulator().kexec()
             self.state = crossing
             self.stage = 2
             self._forget_old_kernel()
@@ -277,7 +289,7 @@ class KexecHarness:
         """Close every handle of the emulated kernel that the test holds
         but did not keep (what the end of the process does on a real
         kernel), so that it does not cross; what each was."""
-        port = self.emulator.port
+        port = self._emulator().port
         spared = {_inode(obj) for obj in self._kept + self._devices}
         unkept = {fd for fd in _open_fds() if _is_handle(port, fd) and _inode(fd) not in spared}
         if not unkept:
@@ -386,7 +398,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: List[pytest.Item
         return
     # Stage 2 is the second half of the kexec tests only: the rest of the
     # selection already ran in stage 1.
-    keep, drop = [], []
+    keep: List[pytest.Item] = []
+    drop: List[pytest.Item] = []
     for item in items:
         (keep if FIXTURE in getattr(item, "fixturenames", ()) else drop).append(item)
     if drop:

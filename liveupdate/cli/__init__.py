@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import types
 from typing import List, Optional, Sequence
 
 from ._common import CommandError, fail
@@ -23,8 +24,8 @@ PROG = "liveupdate"
 SUBCOMMANDS = ("status", "check", "inspect", "hold", "kexec", "emulator")
 
 
-def _modules() -> List[object]:
-    found = []
+def _modules() -> "List[types.ModuleType]":
+    found: "List[types.ModuleType]" = []
     for name in SUBCOMMANDS:
         qualified = f"{__name__}.{name}"
         try:
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _modules():
-        module.add_parser(subparsers)  # type: ignore[attr-defined]
+        module.add_parser(subparsers)
     return parser
 
 

@@ -40,6 +40,8 @@ _GENERIC_HINTS = {
     errno.ENOSPC: "the kernel's limit was reached; free some sessions or files first",
     errno.ENOMEM: "the machine is short of memory",
     errno.ENOTTY: "this fd is no Live Update session",
+    errno.EMFILE: "this process has no fd left: close some, or raise its limit (ulimit -n)",
+    errno.EISDIR: "give a file, not a directory",
 }
 
 

@@ -24,7 +24,7 @@ _HINTS = {
 }
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "check",
         help="say what of a systemd unit's fd store survives the next kexec",

@@ -22,7 +22,6 @@ _HINTS = {
     errno.ENOENT: "start one with: liveupdate emulator serve --socket PATH",
     errno.ECONNREFUSED: "the service at that path is gone; start it again",
     errno.EADDRINUSE: "stop that service first, or choose another --socket",
-    errno.EINVAL: "pass --socket PATH, or set LIVEUPDATE_EMULATOR or XDG_RUNTIME_DIR",
     errno.EACCES: "the service serves only its own user and root",
     errno.ETIMEDOUT: "the service does not answer; is it stopped (SIGSTOP) or overloaded?",
 }
@@ -41,7 +40,7 @@ def _guarded(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Na
     return run
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "emulator",
         help="run the emulator service that many processes share, or kexec it",

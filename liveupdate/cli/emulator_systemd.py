@@ -32,7 +32,7 @@ __all__ = ["add_action"]
 _UNIT_FILE_MAX = 1 << 20
 
 
-def add_action(actions: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_action(actions: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     parser = actions.add_parser(
         "systemd",
         help="run services from their unit files under an emulated systemd",
@@ -101,7 +101,7 @@ def _run(args: argparse.Namespace) -> int:
             text = with_command(text, command) if command else text
             parse_unit(text, name, source=path)  # what the manager does not play, with its line
         except OSError as exc:
-            why = getattr(exc, "detail", None) or exc.strerror
+            why = getattr(exc, "detail", None) or exc.strerror or str(exc)
             raise CommandError(why if why.startswith(path) else f"{path}: {why}",
                                "give a unit file; the emulated systemd refuses the keys it does not play",
                                code=2) from None

@@ -65,9 +65,11 @@ def add_parser(subparsers: Any) -> None:
     release = subparsers.add_parser(
         "release",
         help="stop holding a session: its files are no longer preserved",
-        description="Stop the process holding session NAME; closing the session makes the kernel drop its files.",
+        description="Stop the process holding session NAME (identified by its pid and start time, never "
+        "another process); closing the session makes the kernel drop its files. After an emulated kexec the "
+        "session was already handed over: the holder only held a stale handle.",
     )
-    release.add_argument("name", metavar="NAME")
+    release.add_argument("name", metavar="NAME", help="the session name given to `liveupdate hold`")
     _common_options(release)
     release.set_defaults(func=run_release)
 

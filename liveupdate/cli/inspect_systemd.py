@@ -74,7 +74,7 @@ def systemd_mapping(image_path: str, doc: Dict[str, Any]) -> Optional[Dict[str, 
 
 def _entry_line(entry: Dict[str, Any]) -> str:
     if "problem" in entry:
-        return entry["problem"]
+        return str(entry["problem"])
     name = entry.get("name")
     if entry.get("type") == "fd":
         return f"{name!r}: token {entry.get('token')}: {entry['found']}"

@@ -11,6 +11,7 @@ import argparse
 import errno
 import os
 import sys
+from typing import Mapping
 
 from .. import kexec
 from ._common import CommandError, fail, progress
@@ -27,7 +28,10 @@ _LOAD_HINTS = {
     errno.EPERM: _PRIVILEGE_HINT,
     errno.ENOSYS: "this kernel cannot kexec_file_load (CONFIG_KEXEC_FILE is off); `liveupdate status` says more",
     errno.ENOEXEC: "give an uncompressed kernel image for this machine (bzImage on x86-64, Image on arm64)",
-    errno.EINVAL: "the command line may be too long for the new kernel; shorten --append",
+    errno.EINVAL: "check the files and the command line named above",
+    errno.ELOOP: "the path is a loop of symbolic links; give the file itself",
+    errno.EISDIR: "give the kernel image file, not its directory",
+    errno.EFBIG: "that is no kernel image or initrd; check the path",
     errno.EBUSY: "another kexec load is running; try again when it is done",
     errno.EKEYREJECTED: "this kernel only loads signed images; sign the image or boot without lockdown",
     errno.EBADMSG: "this kernel only loads signed images; sign the image or boot without lockdown",
@@ -43,7 +47,7 @@ _EXEC_HINTS = {
 }
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "kexec",
         help="load a kernel for a live update kexec, or start it",
@@ -53,7 +57,13 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     actions = parser.add_subparsers(dest="action", metavar="ACTION")
     actions.required = True
 
-    load = actions.add_parser("load", help="load KERNEL as the kernel the next kexec starts")
+    load = actions.add_parser(
+        "load", help="load KERNEL as the kernel the next kexec starts",
+        description="Load KERNEL (and --initrd) with kexec_file_load as the kernel the next kexec starts, "
+        "replacing any loaded before. The new kernel's command line is --append ARGS or, with "
+        "--reuse-cmdline, this kernel's; it needs liveupdate=on to bring the sessions back. Files must be "
+        f"regular and at most {kexec.KERNEL_MAX >> 20} MiB (kernel) / {kexec.INITRD_MAX >> 20} MiB (initrd), "
+        f"the command line under {kexec.COMMAND_LINE_SIZE} bytes. Needs root unless --dry-run.")
     load.add_argument("kernel", metavar="KERNEL", help="kernel image (bzImage on x86-64, Image on arm64)")
     load.add_argument("--initrd", metavar="FILE", help="initial ramdisk for the new kernel")
     line = load.add_mutually_exclusive_group()
@@ -62,18 +72,25 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
     load.add_argument("--dry-run", action="store_true", help="print the system call instead of making it")
     load.set_defaults(func=_load, command_path="kexec load")
 
-    execute = actions.add_parser("exec", help="jump into the loaded kernel now (like kexec -e)")
+    execute = actions.add_parser(
+        "exec", help="jump into the loaded kernel now (like kexec -e)",
+        description="Sync the file systems and jump into the kernel that `liveupdate kexec load` loaded, at "
+        "once: every process ends here, and only what was preserved through /dev/liveupdate reaches the next "
+        "kernel. Services are not stopped first (use systemctl kexec for that). Needs root unless --dry-run.")
     execute.add_argument("--dry-run", action="store_true", help="print the system call instead of making it")
     execute.set_defaults(func=_exec, command_path="kexec exec")
 
-    unload = actions.add_parser("unload", help="forget the loaded kernel")
+    unload = actions.add_parser(
+        "unload", help="forget the loaded kernel",
+        description="Forget the kernel loaded for kexec (kexec_file_load with KEXEC_FILE_UNLOAD); nothing "
+        "happens if none is loaded. Needs root unless --dry-run.")
     unload.add_argument("--dry-run", action="store_true", help="print the system call instead of making it")
     unload.set_defaults(func=_unload, command_path="kexec unload")
     return parser
 
 
-def _hinted(exc: OSError, hints: dict) -> CommandError:
-    hint = hints.get(exc.errno)
+def _hinted(exc: OSError, hints: Mapping[int, str]) -> CommandError:
+    hint = hints.get(exc.errno or 0)
     if exc.errno == errno.EPERM and os.geteuid() == 0:
         hint = _ROOT_PRIVILEGE_HINT
     return fail(exc, hint)
@@ -84,24 +101,24 @@ def _load(args: argparse.Namespace) -> int:
         call = kexec.plan_load(args.kernel, initrd=args.initrd, cmdline=args.append, reuse_cmdline=args.reuse_cmdline)
     except OSError as exc:
         raise _hinted(exc, _LOAD_HINTS) from None
-    # Checked here too so that a dry run catches a wrong path as well.
-    for label, path in (("kernel", args.kernel), ("initrd", args.initrd)):
-        if path is not None and not os.access(path, os.R_OK):
-            if not os.path.exists(path):
-                raise CommandError(f"the {label} {path!r} does not exist", "check the path")
-            raise CommandError(f"the {label} {path!r} is not readable", "run it as root or fix its permissions")
+    # plan_load checked the files (regular, bounded, readable) and the
+    # command line, so a dry run refuses what the load would.
     for note in call.notes:
         sys.stderr.write(f"warning: {note}\n")
     if args.dry_run:
         print(f"would call: {call.describe()}")
         return 0
-    size = os.path.getsize(args.kernel)
-    progress(f"loading {args.kernel} ({size / 2**20:.1f} MiB) with kexec_file_load ...")
+    shown = kexec._quote(args.kernel)  # a path may hold control characters too
+    try:
+        size = os.path.getsize(args.kernel)
+    except OSError:
+        size = 0
+    progress(f"loading {shown} ({size / 2**20:.1f} MiB) with kexec_file_load ...")
     try:
         kexec.load(args.kernel, initrd=args.initrd, cmdline=args.append, reuse_cmdline=args.reuse_cmdline)
     except OSError as exc:
         raise _hinted(exc, _LOAD_HINTS) from None
-    print(f"loaded {args.kernel}: `liveupdate kexec exec` starts it")
+    print(f"loaded {shown}: `liveupdate kexec exec` starts it")
     return 0
 
 
@@ -113,8 +130,10 @@ def _exec(args: argparse.Namespace) -> int:
         if loaded is False:
             sys.stderr.write("warning: no kernel is loaded: the call would fail with EINVAL\n")
         return 0
-    # No check of kexec_loaded here: the kernel's own answer (EINVAL, or
-    # EPERM first for a user who may not kexec at all) is the one to show.
+    # Nothing loaded: say so before saying we jump. A user who may not
+    # kexec at all gets the kernel's own answer (EPERM comes first there).
+    if loaded is False and _may_boot():
+        raise CommandError("no kernel is loaded for kexec: there is nothing to jump into", _EXEC_HINTS[errno.EINVAL])
     progress("syncing file systems and jumping into the loaded kernel ...")
     try:
         kexec.execute()
@@ -124,6 +143,15 @@ def _exec(args: argparse.Namespace) -> int:
         hint = "the live update refused to hand over a session; see the kernel log (dmesg | grep -i liveupdate)"
         raise fail(exc, hint) from None
     return 1  # not reached: execute() either jumps or raises
+
+
+def _may_boot() -> bool:
+    """Whether this process holds CAP_SYS_BOOT (what kexec needs)."""
+    from .status_sources import has_cap, read_text
+    from pathlib import Path
+
+    text, _ = read_text(Path("/proc/self/status"))
+    return has_cap(text, 22) is True
 
 
 def _unload(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ __all__ = ["add_parser", "render"]
 _MARKS = {"ok": "[ok]", "no": "[no]", "unknown": "[??]", "info": "[--]"}
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "status",
         help="say whether live update is usable here, and why not",

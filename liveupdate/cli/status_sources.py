@@ -7,17 +7,19 @@ them opens /dev/liveupdate.
 from __future__ import annotations
 
 import errno
-import gzip
 import os
+import stat
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Pattern, Tuple
 
 __all__ = [
     "Roots",
     "SESSION_LINK",
     "DEVICE_NAME",
     "read_text",
+    "read_bounded",
     "kstrtobool",
     "cmdline_param",
     "kernel_config",
@@ -31,7 +33,16 @@ __all__ = [
 #: How the kernel names a session fd in /proc/PID/fd.
 SESSION_LINK = "anon_inode:[luo_session]"
 DEVICE_NAME = "liveupdate"
-_MAX_LOG_RECORDS = 1_000_000  # a bound, not a limit the kernel's buffer reaches
+#: Any /proc or /sys text file status reads: /proc/cmdline is at most the
+#: kernel's COMMAND_LINE_SIZE (2048 bytes on x86-64), the others are shorter.
+TEXT_MAX = 64 * 1024
+#: A kernel .config is about 300 KB (allyesconfig under 500 KB) and under
+#: 150 KB gzip'ed: 16 MiB of text and 4 MiB compressed leave room for any,
+#: and stop a gzip bomb or a huge file early.
+CONFIG_MAX = 16 << 20
+CONFIG_GZ_MAX = 4 << 20
+#: The kernel's largest log buffer (CONFIG_LOG_BUF_SHIFT=25): more is not a log.
+LOG_MAX = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -44,10 +55,41 @@ class Roots:
     boot: str = "/boot"
 
 
-def read_text(path: Path) -> Tuple[Optional[str], Optional[OSError]]:
-    """(the file's text, None), or (None, why it could not be read)."""
+def read_bounded(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``.
+
+    Opened without blocking (a FIFO planted there must not hang status) and
+    refused unless regular (/dev/zero would never end). Raises OSError:
+    EINVAL for a file that is not regular, EFBIG past ``limit``, and what
+    open/read say."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
-        return path.read_text(encoding="utf-8", errors="replace"), None
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "not a regular file"
+            raise OSError(errno.EINVAL, f"{kind}, not a regular file", str(path))
+        chunks: List[bytes] = []
+        size = 0
+        # /proc and /sys files report st_size 0: read until EOF, bounded.
+        while size <= limit:
+            chunk = os.read(fd, min(65536, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise OSError(errno.EFBIG, f"larger than {limit} bytes", str(path))
+    return b"".join(chunks)
+
+
+def read_text(path: Path, limit: int = TEXT_MAX) -> Tuple[Optional[str], Optional[OSError]]:
+    """(the file's text, None), or (None, why it could not be read): see
+    :func:`read_bounded`."""
+    try:
+        return read_bounded(path, limit).decode("utf-8", errors="replace"), None
     except OSError as exc:
         return None, exc
 
@@ -85,31 +127,64 @@ def cmdline_param(cmdline: str, key: str) -> Tuple[bool, Optional[str]]:
     return present, value
 
 
-def kernel_config(roots: Roots, release: str) -> Tuple[Optional[Dict[str, str]], str]:
-    """The running kernel's config options, and where they were read."""
+def _decompress_config(raw: bytes) -> str:
+    """The text of a gzip'ed config, bounded. Raises ValueError saying
+    what is wrong with the data."""
+    if not raw:
+        raise ValueError("empty, not gzip data")
+    if raw[:2] != b"\x1f\x8b":
+        raise ValueError("not gzip data")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        text = inflater.decompress(raw, CONFIG_MAX + 1)
+    except zlib.error as exc:
+        raise ValueError(f"corrupt gzip data ({exc})") from None
+    if len(text) > CONFIG_MAX:
+        raise ValueError(f"decompresses to more than {CONFIG_MAX >> 20} MiB, which no kernel config does")
+    if not inflater.eof:
+        raise ValueError("truncated gzip data")
+    return text.decode("utf-8", "replace")
+
+
+def _parse_config(text: str) -> Dict[str, str]:
+    options: Dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("CONFIG_") and "=" in line:
+            key, _, value = line.partition("=")
+            options[key] = value
+        elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
+            options[line[2:-len(" is not set")]] = "n"
+    return options
+
+
+def kernel_config(roots: Roots, release: str) -> Tuple[Optional[Dict[str, str]], str, List[str]]:
+    """The running kernel's config options, where they were read (or
+    looked for), and what was wrong with each candidate that exists but
+    could not be used (damaged, not gzip, not a regular file, too large)."""
     candidates = [Path(roots.proc) / "config.gz", Path(roots.boot) / f"config-{release}"]
+    problems: List[str] = []
     for path in candidates:
+        gzipped = path.suffix == ".gz"
         try:
-            raw = path.read_bytes()
-        except OSError:
+            raw = read_bounded(path, CONFIG_GZ_MAX if gzipped else CONFIG_MAX)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            problems.append(f"{path}: {exc.strerror}")
             continue
         try:
-            text = gzip.decompress(raw).decode("utf-8", "replace") if path.suffix == ".gz" else raw.decode("utf-8", "replace")
-        except OSError:
+            text = _decompress_config(raw) if gzipped else raw.decode("utf-8", "replace")
+        except ValueError as exc:
+            problems.append(f"{path}: {exc}")
             continue
-        options: Dict[str, str] = {}
-        for line in text.splitlines():
-            if line.startswith("CONFIG_") and "=" in line:
-                key, _, value = line.partition("=")
-                options[key] = value
-            elif line.startswith("# CONFIG_") and line.endswith(" is not set"):
-                options[line[2:-len(" is not set")]] = "n"
-        return options, str(path)
-    return None, " or ".join(str(path) for path in candidates)
+        return _parse_config(text), str(path), problems
+    return None, " or ".join(str(path) for path in candidates), problems
 
 
-def kernel_log(roots: Roots) -> Tuple[Optional[List[str]], Optional[str]]:
-    """The kernel log's messages (``/dev/kmsg``), or why they are not readable."""
+def kernel_log(roots: Roots, wanted: Optional[Pattern[str]] = None) -> Tuple[Optional[List[str]], Optional[str]]:
+    """The kernel log's messages (``/dev/kmsg``), or why they are not
+    readable. With ``wanted``, only the first message and those it matches
+    are kept; at most :data:`LOG_MAX` bytes are read in any case."""
     path = Path(roots.dev) / "kmsg"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -117,9 +192,10 @@ def kernel_log(roots: Roots) -> Tuple[Optional[List[str]], Optional[str]]:
         if exc.errno in (errno.EPERM, errno.EACCES):
             return None, f"{path} needs root (kernel.dmesg_restrict)"
         return None, f"{path}: {exc.strerror}"
-    chunks: List[bytes] = []
+    lines: List[str] = []
+    total = 0
     try:
-        for _ in range(_MAX_LOG_RECORDS):
+        while total < LOG_MAX:
             try:
                 # /dev/kmsg returns one record per read, and EINVAL to a buffer
                 # smaller than the record: 64 KiB is more than any record.
@@ -132,14 +208,15 @@ def kernel_log(roots: Roots) -> Tuple[Optional[List[str]], Optional[str]]:
                 return None, f"{path}: {exc.strerror}"
             if not chunk:
                 break
-            chunks.append(chunk)
+            total += len(chunk)
+            for line in chunk.decode("utf-8", "replace").splitlines():
+                if line.startswith(" "):
+                    continue  # dictionary lines (" SUBSYSTEM=...") that follow a record
+                message = line.split(";", 1)[1] if ";" in line.split(" ", 1)[0] else line
+                if wanted is None or not lines or wanted.search(message):
+                    lines.append(message)
     finally:
         os.close(fd)
-    lines = []
-    for line in b"".join(chunks).decode("utf-8", "replace").splitlines():
-        if line.startswith(" "):
-            continue  # dictionary lines (" SUBSYSTEM=...") that follow a record
-        lines.append(line.split(";", 1)[1] if ";" in line.split(" ", 1)[0] else line)
     return lines, None
 
 
@@ -147,7 +224,7 @@ def holders(roots: Roots) -> Tuple[List[Dict[str, Any]], int]:
     """Processes holding /dev/liveupdate or session fds, and how many
     processes could not be looked at (not root)."""
     device_link = "/dev/" + DEVICE_NAME
-    found = []
+    found: List[Dict[str, Any]] = []
     hidden = 0
     try:
         entries = os.listdir(roots.proc)

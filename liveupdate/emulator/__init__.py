@@ -171,8 +171,8 @@ class Emulator:
             return f"<liveupdate.Emulator: kernel panicked after {self.kexecs} kexecs>"
         k = self.kernel
         s = k.sessions
-        lines = [f"<liveupdate.Emulator kernel #{k.liveupdate_num}, {self.kexecs} kexecs here, "
-                 f"device {'open' if k.in_use else 'free'}, {len(self.port.handles)} handles"]
+        lines = [(f"<liveupdate.Emulator kernel #{k.liveupdate_num}, {self.kexecs} kexecs here, "
+                  f"device {'open' if k.in_use else 'free'}, {len(self.port.handles)} handles")]
         for header in (s.outgoing, s.incoming):
             if header.count or header.block_set.nblocks:
                 lines.append(f"  {header!r}")

@@ -86,6 +86,15 @@ def cstr(raw: bytes) -> bytes:
     return raw if end < 0 else raw[:end]
 
 
+def compatible_is(field: bytes, expected: bytes) -> bool:
+    """Whether a compatible-string field says ``expected``, compared as the
+    kernel does (strncmp over the field's width): the whole string, opaque,
+    up to its NUL. No prefix or version number is read out of it, so a
+    composite string (``luo-v5;block-v1``, proposed upstream) is simply
+    another string, refused by a kernel that does not know it."""
+    return cstr(field) == expected[: len(field)]
+
+
 def strscpy(raw: bytes, size: int) -> bytes:
     """What the kernel's strscpy(dst, raw, size) leaves in ``dst``: at most
     ``size - 1`` bytes of the string, NUL-padded to ``size``."""

@@ -86,8 +86,9 @@ class Kernel:
         if size < abi.LUO_SER.size:
             raise OSError(errno.EINVAL, f"LUO state is too small ({size} < {abi.LUO_SER.size})")
         compatible, num, sessions_pa, _flbs_pa = abi.LUO_SER.unpack(self.memory.read(pa, abi.LUO_SER.size))
-        if compatible[: abi.LUO_ABI_COMPAT_LEN] != abi.LUO_ABI_COMPATIBLE.ljust(abi.LUO_ABI_COMPAT_LEN, b"\0"):
-            raise OSError(errno.EINVAL, f"LUO state {abi.cstr(compatible)!r} is incompatible with 'luo-v5'")
+        if not abi.compatible_is(compatible, abi.LUO_ABI_COMPATIBLE):
+            raise OSError(errno.EINVAL, f"LUO state {_shown(compatible)} is incompatible with "
+                                        f"{_shown(abi.LUO_ABI_COMPATIBLE)}")
         self.liveupdate_num = num
         log.info("retrieved live update data, liveupdate number %d", num)
         try:
@@ -176,6 +177,11 @@ class Kernel:
         return (f"<emulated kernel #{self.liveupdate_num} {state}: {s.outgoing.count} outgoing, "
                 f"{s.incoming.count} incoming sessions, {len(self.files.preserved)} files held, "
                 f"device {'open' if self.in_use else 'free'}>")
+
+
+def _shown(compatible: bytes) -> str:
+    # A compatible string as it is, quoted, whatever bytes it holds.
+    return "'" + abi.cstr(compatible).decode("utf-8", "backslashreplace") + "'"
 
 
 def _errname(err: Optional[int]) -> str:

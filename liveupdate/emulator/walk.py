@@ -140,7 +140,7 @@ def walk(source: object) -> Iterator[Record]:
     yield Root(root_pa, abi.cstr(compatible), num, sessions_pa, flbs_pa)
     if root_size < abi.LUO_SER.size:
         yield Problem("root", f"LUO subtree is {root_size} bytes, smaller than the 32-byte root")
-    if compatible != abi.LUO_ABI_COMPATIBLE.ljust(abi.LUO_ABI_COMPAT_LEN, b"\0"):
+    if not abi.compatible_is(compatible, abi.LUO_ABI_COMPATIBLE):
         yield Problem("root", f"compatible {abi.cstr(compatible)!r} is not 'luo-v5'")
     records: List[Record] = []
     visited: Dict[int, str] = {root_pa >> PAGE_SHIFT: "the LUO root"}

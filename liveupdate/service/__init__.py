@@ -7,7 +7,11 @@ cannot model that, a service can. Run one with ``liveupdate emulator serve
 and point clients at it with ``liveupdate.open(emulator=PATH)`` or
 ``LIVEUPDATE_EMULATOR=PATH``; ``liveupdate emulator kexec`` reboots it.
 
-Modules: :mod:`.protocol` (the wire format), :mod:`.server` (the relay),
+Modules: :mod:`.protocol` (the wire format), :mod:`.server` (the event
+loop and its connections), :mod:`.connection` (one connection),
+:mod:`.relay` and :mod:`.requests` (what each request does),
+:mod:`.budget` (what each client may make the service hold),
+:mod:`.scheduler` and :mod:`.worker` (long kernel calls off the loop),
 :mod:`.client` (the port clients use), :mod:`.kernel` and :mod:`.image`
 (the emulated kernel and its image on disk), :mod:`.paths` (the socket),
 :mod:`.commands` (the command line), :mod:`.testing` (a service for tests).

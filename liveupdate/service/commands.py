@@ -19,7 +19,7 @@ from . import budget, client, paths
 __all__ = ["add_arguments", "serve", "run_kexec", "run_status"]
 
 
-def add_arguments(actions: "argparse._SubParsersAction") -> None:
+def add_arguments(actions: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Add the ``serve``, ``kexec`` and ``status`` actions to ``actions``
     (each sets ``func(args) -> int`` and ``command_path``)."""
     socket_help = ("the service's socket (default: $LIVEUPDATE_EMULATOR, else "
@@ -47,7 +47,7 @@ def add_arguments(actions: "argparse._SubParsersAction") -> None:
                               + budget_help % "a quarter of the physical memory")
     serve_p.add_argument("--fds-per-client", metavar="N", type=int,
                          help="fds of the service one client's connections, sessions and files may hold "
-                              + budget_help % "a quarter of --fds-total")
+                              + budget_help % "half of --fds-total")
     serve_p.add_argument("--fds-total", metavar="N", type=int,
                          help="fds of the service all clients may hold "
                               + budget_help % f"the hard RLIMIT_NOFILE less {budget.FD_HEADROOM}")

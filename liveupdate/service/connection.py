@@ -9,16 +9,20 @@ client that stops reading holds up only itself (its replies wait in
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
 import struct
-from typing import List, Optional, Sequence, Tuple
+from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 from . import protocol as P
-from .budget import Account
+from .budget import FDS_PER_CONNECTION, Account, Ledger
 
-__all__ = ["Connection", "CONTROL", "DEVICE", "SESSION", "peer_credentials", "refuse", "close_all",
-           "SEND_FLAGS", "RECV_FLAGS"]
+log = logging.getLogger("liveupdate.service")
+
+__all__ = ["Connection", "CONTROL", "DEVICE", "SESSION", "admit", "peer_credentials", "refuse", "close_all",
+           "send_on_channel", "SEND_FLAGS", "RECV_FLAGS", "BATCH"]
 
 CONTROL, DEVICE, SESSION = "control", "device", "session"
 
@@ -60,6 +64,35 @@ class Connection:
     def closed(self) -> bool:
         return self.sock.fileno() < 0
 
+    def send(self, data: bytes, fds: List[int], close_after: List[int]) -> Optional[bool]:
+        """Send now if the socket takes it (True), else queue it (False);
+        None when the connection is dead (the reply is dropped with it).
+        ``close_after`` are closed once sent or dropped."""
+        try:
+            self.sock.sendmsg([data], P.fds_message(fds), SEND_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            self.outbox.append((data, fds, close_after))
+            return False
+        except OSError:
+            close_all(close_after)
+            return None
+        close_all(close_after)
+        return True
+
+    def flush(self) -> Optional[bool]:
+        """Send what waits: True when all is sent, False when the socket is
+        full again, None when the connection is dead."""
+        while self.outbox:
+            data, fds, close_after = self.outbox.pop(0)
+            sent = self.send(data, fds, close_after)
+            if sent is None:
+                return None
+            if not sent:
+                # send() queued it at the end; put it back in front.
+                self.outbox.insert(0, self.outbox.pop())
+                return False
+        return True
+
 
 def peer_credentials(sock: socket.socket) -> Tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end. Raises OSError."""
@@ -88,3 +121,47 @@ def close_all(fds: Sequence[int]) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def send_on_channel(channel: int, data: bytes, fds: List[int]) -> None:
+    """Send a reply on a channel the client supplied: one reply, never
+    waited for. If it is not a usable socket the reply is lost, and so are
+    any fds in it (a session sent that way is released on its EOF)."""
+    try:
+        sock = socket.socket(fileno=channel)  # probes: ENOTSOCK for a non-socket
+    except OSError as exc:
+        log.info("reply channel unusable: %s", exc)
+        return
+    try:
+        sock.sendmsg([data], P.fds_message(fds), SEND_FLAGS)
+    except OSError as exc:
+        log.info("reply channel unusable: %s", exc)
+    finally:
+        sock.detach()  # the caller closes the channel fd
+
+
+def admit(sock: socket.socket, allowed_uids: FrozenSet[int], ledger: Ledger, allowed_text: str) -> Optional[Connection]:
+    """A new connection from the listener, or None when it is refused (a
+    uid not served: EACCES; a client or the service out of fds: EMFILE,
+    ENFILE), after telling the client why."""
+    try:
+        sock.setblocking(False)
+        peer = peer_credentials(sock)
+    except OSError as exc:
+        log.warning("no credentials for a new connection: %s", exc)
+        sock.close()
+        return None
+    if peer[1] not in allowed_uids:
+        log.warning("refused pid %d uid %d: only uids %s are served", peer[0], peer[1], sorted(allowed_uids))
+        refuse(sock, errno.EACCES, f"uid {peer[1]} may not use this emulator service (it serves {allowed_text})")
+        return None
+    account = ledger.account(peer[0], peer[1])
+    try:
+        ledger.charge(account, fds=FDS_PER_CONNECTION, what="connect")
+    except OSError as exc:
+        log.warning("refused a connection of pid %d: %s", peer[0], exc.strerror)
+        refuse(sock, exc.errno or errno.EMFILE, exc.strerror or str(exc))
+        return None
+    conn = Connection(sock, CONTROL, account, peer)
+    conn.fds = FDS_PER_CONNECTION
+    return conn

@@ -19,19 +19,22 @@ from typing import List, NamedTuple, Optional, Tuple
 
 from .. import _abi
 from . import protocol as P
-from .budget import held_bytes
+from .budget import held_bytes, held_for_size
 from .connection import Connection
 
 __all__ = ["Request", "parse", "fd_argument", "relay_argument", "session_of", "token_of", "fd_result",
            "preserve_cost", "LONG_CALL_BYTES"]
 
 _FD_FIELD = struct.Struct("=i")
+#: memfd_pin_folios() counts folios in an unsigned int (memfd_luo.py).
+_MAX_FOLIOS = 0xFFFFFFFF
 _TOKEN_FIELD = struct.Struct("=Q")
 
-#: A call that makes the kernel touch more than this much held memory (a
-#: preserve, retrieve, finish or release of big memfds) runs on the worker
-#: thread, not the event loop.
-LONG_CALL_BYTES = 16 << 20
+#: A call that makes the kernel hold or let go of this much (the pages of
+#: 256 MiB of memfds: a preserve, retrieve, finish or release of big
+#: memfds) runs on the worker thread, not the event loop. The kernel's work
+#: for a memfd grows with its pages, as the emulator's memory for it does.
+LONG_CALL_BYTES = held_for_size(256 << 20)
 
 
 class Request(NamedTuple):
@@ -108,7 +111,9 @@ def result_fd(out: bytes, offset: int) -> int:
 def preserve_cost(fd_in: Optional[int]) -> int:
     """The memory a preserve of ``fd_in`` would make the emulator hold:
     :func:`.budget.held_bytes` for a file the memfd handler takes (an
-    unlinked regular file), nothing for one the kernel will refuse."""
+    unlinked regular file), nothing for one the kernel will refuse (not a
+    memfd, more pages than a folio count holds), so that the kernel's own
+    errno is the answer."""
     if fd_in is None:
         return 0
     try:
@@ -117,4 +122,6 @@ def preserve_cost(fd_in: Optional[int]) -> int:
         return 0
     if not stat.S_ISREG(st.st_mode) or st.st_nlink != 0:
         return 0
+    if -(-st.st_size // 4096) > _MAX_FOLIOS:
+        return 0  # the kernel refuses it first (EFBIG): nothing is held
     return held_bytes(st)

@@ -23,9 +23,7 @@ client may make the service hold is budgeted (:mod:`.budget`).
 """
 from __future__ import annotations
 
-import collections
 import errno
-import json
 import logging
 import os
 import select
@@ -33,33 +31,26 @@ import selectors
 import signal
 import socket
 import traceback
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-from .. import _abi
-from ..errors import KernelPanic
 from . import protocol as P
 from . import requests as R
-from .budget import FDS_PER_CONNECTION, FDS_PER_DEVICE, FDS_PER_FILE, FDS_PER_SESSION, Ledger, Limits, default_limits
-from .connection import (BATCH, CONTROL, DEVICE, RECV_FLAGS, SEND_FLAGS, SESSION, Connection, close_all,
-                         peer_credentials, refuse)
-from .worker import KernelWorker
+from .budget import Ledger, Limits, default_limits
+from .connection import (BATCH, CONTROL, DEVICE, RECV_FLAGS, SESSION, Connection, admit, close_all, refuse,
+                         send_on_channel)
+from .relay import Relay
+from .scheduler import KernelQueue
 
 __all__ = ["Server", "ALLOWED_BY_DEFAULT"]
 
 log = logging.getLogger("liveupdate.service")
 
-#: Failures that a release not yet seen could turn into another answer: a
-#: name or file still taken (EEXIST, EBUSY), a session still retrieved (EINVAL).
-_RELEASE_SENSITIVE = (errno.EEXIST, errno.EBUSY, errno.EINVAL)
 _HUNG_UP = select.POLLHUP | select.POLLRDHUP | select.POLLERR
-_NEEDS_KERNEL = (P.OP_IOCTL, P.OP_OPEN_DEVICE, P.OP_KEXEC)
 
 ALLOWED_BY_DEFAULT = "the service's own uid and root"
 
-Done = Callable[[Any, Optional[BaseException]], None]
 
-
-class Server:
+class Server(Relay):
     """Serve ``kernel`` (see :class:`liveupdate.service.kernel.Kernel`) on
     the AF_UNIX socket ``listener`` (bound and listening).
 
@@ -85,13 +76,9 @@ class Server:
         # service accept and drop the excess connection instead of spinning
         # on a listener that stays readable.
         self._reserve: Optional[int] = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        self._worker = KernelWorker(self._wake_w)
         # The emulated kernel's lock (None for a kernel without one): the
-        # loop runs a kernel call itself only when it can take it at once.
-        self._lock = getattr(kernel.port, "lock", None)
-        #: Kernel work that found the kernel busy, in arrival order.
-        self._parked: Deque[Callable[[], None]] = collections.deque()
-        self._exclusive = False  # a kexec runs: nothing else may touch the kernel
+        # loop calls the kernel itself only when it can take it at once.
+        self._queue = KernelQueue(getattr(kernel.port, "lock", None), self._wake_w, self._pause, self._resume)
         self._stopping = False
         self._reaping = False
         self.exit_code = 0
@@ -120,7 +107,7 @@ class Server:
                 if key.data is None:
                     self._accept()
                 elif key.data == "wake":
-                    self._woken()
+                    self._queue.woken(self._wake_r)
                 else:
                     self._event(key.data, mask)
         self.close()
@@ -142,11 +129,11 @@ class Server:
 
     def close(self) -> None:
         """Release every handle (as every process exiting would) and the sockets."""
-        self._worker.stop()
-        self._woken()
+        self._queue.stop()
+        self._queue.woken(self._wake_r)
         for conn in list(self._conns.values()):
             self._drop(conn)
-        self._run_parked()
+        self._queue.run_parked()
         try:
             self._sel.unregister(self.listener)
         except (KeyError, ValueError):
@@ -171,29 +158,9 @@ class Server:
                     return
                 log.warning("accept failed: %s", exc)
                 return
-            try:
-                sock.setblocking(False)
-                peer = peer_credentials(sock)
-            except OSError as exc:
-                log.warning("no credentials for a new connection: %s", exc)
-                sock.close()
-                continue
-            if peer[1] not in self.allowed_uids:
-                log.warning("refused pid %d uid %d: only uids %s are served", peer[0], peer[1],
-                            sorted(self.allowed_uids))
-                refuse(sock, errno.EACCES, f"uid {peer[1]} may not use this emulator service "
-                                           f"(it serves {ALLOWED_BY_DEFAULT})")
-                continue
-            account = self.ledger.account(peer[0], peer[1])
-            try:
-                self.ledger.charge(account, fds=FDS_PER_CONNECTION, what="connect")
-            except OSError as exc:
-                log.warning("refused a connection of pid %d: %s", peer[0], exc.strerror)
-                refuse(sock, exc.errno or errno.EMFILE, exc.strerror or str(exc))
-                continue
-            conn = Connection(sock, CONTROL, account, peer)
-            conn.fds = FDS_PER_CONNECTION
-            self._add(conn)
+            conn = admit(sock, self.allowed_uids, self.ledger, ALLOWED_BY_DEFAULT)
+            if conn is not None:
+                self._add(conn)
 
     def _shed_one(self) -> None:
         if self._reserve is None:
@@ -260,65 +227,10 @@ class Server:
             if name is not None and boot == self.kernel.boots:
                 self.ledger.forget_session(name)  # unpreserved or finished: its files are gone
 
-        self._kernel(lambda: self.kernel.release(handle, boot), released, long=self.ledger.held(name) > R.LONG_CALL_BYTES)
-
-    # -- the kernel, on the loop or on the worker -----------------------------
-
-    def _kernel(self, call: Callable[[], Any], done: Done, long: bool = False, exclusive: bool = False,
-                conn: Optional[Connection] = None) -> None:
-        """Run ``call()`` on the kernel, then ``done(result, exception)`` on
-        the loop: at once when the kernel is free (on the worker when
-        ``long``), else once it is, after what waits already. ``exclusive``
-        (a kexec): nothing else runs meanwhile. ``conn`` is read no further
-        until then."""
-        if (self._parked or self._exclusive or (exclusive and self._worker.busy)
-                or (self._lock is not None and not self._lock.acquire(blocking=False))):
-            if conn is not None:
-                self._pause(conn)
-            self._parked.append(lambda: self._kernel(call, done, long, exclusive, conn))
-            return
-        try:
-            if conn is not None:
-                self._resume(conn)
-            if long or exclusive:
-                if conn is not None:
-                    self._pause(conn)
-                self._exclusive = exclusive
-                self._worker.submit(call, lambda result, exc: self._after_worker(conn, done, result, exc))
-                return
-            try:
-                result = call()
-            except Exception as exc:
-                done(None, exc)
-            else:
-                done(result, None)
-        finally:
-            if self._lock is not None:
-                self._lock.release()
-
-    def _after_worker(self, conn: Optional[Connection], done: Done, result: Any, exc: Optional[BaseException]) -> None:
-        self._exclusive = False
-        if conn is not None:
-            self._resume(conn)
-        done(result, exc)
-
-    def _woken(self) -> None:
-        try:
-            while os.read(self._wake_r, 512):
-                pass
-        except OSError:
-            pass
-        for done, result, exc in self._worker.completed():
-            done(result, exc)
-        self._run_parked()
-
-    def _run_parked(self) -> None:
-        waiting, self._parked = self._parked, collections.deque()
-        while waiting:
-            if self._parked:  # one found the kernel busy again: the rest wait behind it
-                self._parked.extend(waiting)
-                return
-            waiting.popleft()()
+        # A release changes what later calls get (a name or file taken no
+        # more): a long one runs alone, as a kexec does, so none overtakes it.
+        self._queue.run(lambda: self.kernel.release(handle, boot), released,
+                        exclusive=self.ledger.held(name) > R.LONG_CALL_BYTES)
 
     # -- reading requests ---------------------------------------------------
 
@@ -361,179 +273,6 @@ class Server:
         except BaseException as exc:
             self._answer(req, None, exc)
 
-    def _answer(self, req: R.Request, result: Optional[Tuple[bytes, Optional[int], List[int]]],
-                exc: Optional[BaseException] = None) -> None:
-        """Reply to ``req`` with ``result`` (payload, fd to send, fds to close
-        once sent) or the errno of ``exc``; then close the request's fds."""
-        conn, msg = req.conn, req.msg
-        try:
-            if exc is None and result is not None:
-                payload, fd_out, close_after = result
-                self._reply(conn, req.channel, msg.op, msg.seq, 0, payload, fd_out, close_after)
-            elif isinstance(exc, OSError):
-                detail = exc.strerror if exc.strerror and exc.strerror != os.strerror(exc.errno or 0) else ""
-                self._reply(conn, req.channel, msg.op, msg.seq, exc.errno or errno.EIO, detail.encode()[: P.MAX_PAYLOAD])
-            elif isinstance(exc, KernelPanic):
-                log.critical("the emulated kernel panicked: %s", exc)
-                self._reply(conn, req.channel, msg.op, msg.seq, errno.EIO, f"kernel panic: {exc}".encode()[: P.MAX_PAYLOAD])
-                self.stop(70)
-            elif isinstance(exc, Exception):  # an emulator bug: say so, keep serving the others
-                log.error("request op=%d cmd=%#x failed:\n%s", msg.op, msg.value,
-                          "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
-                self._reply(conn, req.channel, msg.op, msg.seq, errno.EIO,
-                            f"emulator service internal error: {exc!r}".encode()[: P.MAX_PAYLOAD])
-            elif exc is not None:
-                raise exc
-        finally:
-            close_all(req.fds)
-
-    def _dispatch(self, req: R.Request) -> None:
-        """Start answering ``req``; raises OSError with the errno to answer."""
-        conn, msg = req.conn, req.msg
-        if msg.op == P.OP_STATUS:
-            if not self._worker.busy and not self._parked:
-                self._reap(conn)
-            self._answer(req, (json.dumps(self.status(), sort_keys=True).encode(), None, []))
-            return
-        if msg.op == P.OP_IOCTL:
-            if conn.kind == CONTROL:
-                raise OSError(errno.ENOTTY, "this connection holds no device or session: open the device first")
-            self._ioctl(req)
-            return
-        if conn.kind != CONTROL:
-            raise OSError(errno.EPROTO, f"op {msg.op} is only for a fresh connection to the service")
-        if msg.op not in _NEEDS_KERNEL:
-            raise OSError(errno.EPROTO, f"unknown op {msg.op}")
-        if msg.op == P.OP_OPEN_DEVICE:
-            self._kernel(lambda: self._open_device(req), lambda result, exc: self._answer(req, result, exc), conn=conn)
-            return
-        # Sessions whose last fd is closed are released before the reboot,
-        # as the kernel released them at close: none crosses.
-        self._kernel(lambda: self._reap(conn), lambda *_: None)
-        self._kernel(self.kernel.kexec, lambda info, exc: self._kexec_done(req, info, exc), exclusive=True, conn=conn)
-
-    def _kexec_done(self, req: R.Request, info: Any, exc: Optional[BaseException]) -> None:
-        if exc is None:
-            log.info("kexec: %s", info)
-            self.ledger.kexec()
-            self._answer(req, (json.dumps(info, sort_keys=True).encode(), None, []))
-        else:
-            self._answer(req, None, exc)
-
-    def _open_device(self, req: R.Request) -> Tuple[bytes, Optional[int], List[int]]:
-        conn = req.conn
-        path = req.msg.payload.decode("utf-8", "surrogateescape")
-        self.ledger.charge(conn.account, fds=FDS_PER_DEVICE, what=f"open {path}")
-        try:
-            try:
-                handle = self.kernel.port.open_device(path)
-            except OSError as exc:
-                if exc.errno != errno.EBUSY or not self._reap(conn):
-                    raise
-                handle = self.kernel.port.open_device(path)
-        except BaseException:
-            self.ledger.refund(conn.account, fds=FDS_PER_DEVICE)
-            raise
-        conn.fds += FDS_PER_DEVICE
-        conn.kind, conn.handle, conn.boot = DEVICE, handle, self.kernel.boots
-        return b"", None, []
-
-    def _ioctl(self, req: R.Request) -> None:
-        conn, cmd, arg = req.conn, req.msg.value, req.msg.payload
-        if conn.boot != self.kernel.boots:
-            raise OSError(errno.ESTALE, f"this {conn.kind} handle belongs to the kernel before an emulated kexec "
-                                        f"(boot {conn.boot}; now boot {self.kernel.boots})")
-        client_fd = b""
-        fd_arg = R.fd_argument(cmd)
-        if fd_arg is not None:
-            arg, client_fd = R.relay_argument(arg, fd_arg, req.fd_in)
-        token = R.token_of(arg)
-        long = False
-        if conn.kind == SESSION and cmd == _abi.SESSION_PRESERVE_FD:
-            long = R.preserve_cost(req.fd_in) > R.LONG_CALL_BYTES
-        elif conn.kind == SESSION and cmd == _abi.SESSION_RETRIEVE_FD:
-            long = self.ledger.held(conn.name, token) > R.LONG_CALL_BYTES
-        elif conn.kind == SESSION and cmd == _abi.SESSION_FINISH:
-            long = self.ledger.held(conn.name) > R.LONG_CALL_BYTES
-        charged = [0, 0]  # fds, bytes charged to conn.account for this call
-
-        def call() -> bytes:
-            return self.kernel.port.ioctl(conn.handle, cmd, arg)
-
-        def start() -> bytes:
-            # On the kernel's turn, so that the budget sees every earlier call.
-            fds, memory = 0, 0
-            if conn.kind == DEVICE and cmd in (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION):
-                fds = FDS_PER_SESSION
-            elif conn.kind == SESSION and cmd == _abi.SESSION_PRESERVE_FD:
-                fds, memory = FDS_PER_FILE, R.preserve_cost(req.fd_in)
-            if fds or memory:
-                self.ledger.charge(conn.account, fds, memory, what=_describe(cmd, token, client_fd))
-                charged[:] = [fds, memory]
-            return call()
-
-        def done(out: Any, exc: Optional[BaseException], retried: bool = False) -> None:
-            if (isinstance(exc, OSError) and exc.errno in _RELEASE_SENSITIVE and not retried
-                    and self._reap(conn)):
-                # The kernel releases a file at its last close, before close()
-                # returns; here the EOF of a closed handle may still wait in the
-                # loop. The answers such a pending release would change are
-                # only these errors: release what is closed, then ask again.
-                self._kernel(call, lambda o, e: done(o, e, True), long=long, conn=conn)
-                return
-            if exc is not None:
-                self.ledger.refund(conn.account, *charged)
-                self._answer(req, None, exc)
-                return
-            self._answer(req, *self._ioctl_result(conn, cmd, out, client_fd, token, charged[1]))
-
-        self._kernel(start, done, long=long, conn=conn)
-
-    def _ioctl_result(self, conn: Connection, cmd: int, out: bytes, client_fd: bytes, token: Optional[int],
-                      memory: int) -> Tuple[Optional[Tuple[bytes, Optional[int], List[int]]], Optional[BaseException]]:
-        fd_arg = R.fd_argument(cmd)
-        if client_fd and fd_arg is not None:
-            out = out[:fd_arg] + client_fd + out[fd_arg + 4:]
-        if cmd == _abi.SESSION_PRESERVE_FD and conn.name is not None and token is not None:
-            self.ledger.record(conn.name, token, conn.account, memory)
-        elif cmd == _abi.SESSION_RETRIEVE_FD and conn.name is not None and token is not None:
-            self.ledger.forget(conn.name, token)
-        elif cmd == _abi.SESSION_FINISH and conn.name is not None:
-            self.ledger.forget_session(conn.name)
-        offset = R.fd_result(cmd)
-        if offset is None:
-            return (out, None, []), None
-        fd = R.result_fd(out, offset)
-        if conn.kind == SESSION:
-            return (out, fd, [fd]), None
-        try:
-            theirs = self._session_socket(conn, fd, R.session_of(cmd, out))
-        except OSError as exc:
-            self.ledger.refund(conn.account, fds=FDS_PER_SESSION)
-            return None, exc
-        return (out, theirs, [theirs]), None
-
-    def _session_socket(self, device: Connection, handle: int, name: Tuple[str, bytes]) -> int:
-        """Wrap the emulator's session fd ``handle`` in a socket pair; returns
-        the client's end, to be sent and then closed here."""
-        try:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        except OSError:
-            self.kernel.release(handle, self.kernel.boots)
-            raise
-        self._sessions_made += 1
-        # The abstract name is what tells a session socket apart from any
-        # other socket when a process adopts it with Session.from_fd.
-        try:
-            theirs.bind(P.SESSION_NAME_PREFIX + f"{os.getpid()}:{self.instance}:{self._sessions_made}".encode())
-        except OSError:
-            pass  # still a working handle; only from_fd will not know it
-        ours.setblocking(False)
-        conn = Connection(ours, SESSION, device.account)
-        conn.handle, conn.boot, conn.name, conn.fds = handle, self.kernel.boots, name, FDS_PER_SESSION
-        self._add(conn)
-        return theirs.detach()
-
     def _reap(self, current: Connection) -> int:
         """Finish every connection whose client end is closed everywhere:
         handle what it sent before closing, then release its handle.
@@ -575,59 +314,25 @@ class Server:
         flags = P.FLAG_REPLY | (P.FLAG_FD if fd_out is not None else 0)
         data = P.encode(op, seq, err, payload, flags)
         fds = [] if fd_out is None else [fd_out]
-        if channel is not None:
-            # A channel the client supplied: one reply, never waited for. If
-            # it is not a usable socket the reply is lost, and so are any
-            # fds in it (a session sent that way is released on its EOF).
-            try:
-                sock = socket.socket(fileno=channel)  # probes: ENOTSOCK for a non-socket
-            except OSError as exc:
-                log.info("reply channel unusable: %s", exc)
-            else:
-                try:
-                    sock.sendmsg([data], P.fds_message(fds), SEND_FLAGS)
-                except OSError as exc:
-                    log.info("reply channel unusable: %s", exc)
-                finally:
-                    sock.detach()  # the caller closes the channel fd
-            close_all(close_after)
-            return
-        if conn.closed:
+        if channel is not None or conn.closed:
+            if channel is not None:
+                send_on_channel(channel, data, fds)
             close_all(close_after)
             return
         if conn.outbox:
             conn.outbox.append((data, fds, list(close_after)))
             return
-        if self._send(conn, data, fds, list(close_after)):
-            return
-        if not conn.closed and not conn.paused:
+        sent = conn.send(data, fds, list(close_after))
+        if sent is None:
+            self._drop(conn)
+        elif not sent and not conn.paused:
             self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
 
-    def _send(self, conn: Connection, data: bytes, fds: List[int], close_after: List[int]) -> bool:
-        """Send now if the socket takes it; else queue. True when sent (or
-        when the connection died, which drops the reply with it)."""
-        try:
-            conn.sock.sendmsg([data], P.fds_message(fds), SEND_FLAGS)
-        except (BlockingIOError, InterruptedError):
-            conn.outbox.append((data, fds, close_after))
-            return False
-        except OSError:
-            close_all(close_after)
-            self._drop(conn)
-            return True
-        close_all(close_after)
-        return True
-
     def _flush(self, conn: Connection) -> None:
-        while conn.outbox:
-            data, fds, close_after = conn.outbox.pop(0)
-            if not self._send(conn, data, fds, close_after):
-                # _send queued it at the end; put it back in front.
-                conn.outbox.insert(0, conn.outbox.pop())
-                return
-            if conn.closed:
-                return
-        if not conn.paused:
+        done = conn.flush()
+        if done is None:
+            self._drop(conn)
+        elif done and not conn.paused:
             self._sel.modify(conn.sock, selectors.EVENT_READ, conn)
 
     # -- introspection ------------------------------------------------------
@@ -645,16 +350,9 @@ class Server:
             "connections": counts,
             "sessions_handed_out": self._sessions_made,
             "budget": self.ledger.describe(),
-            "kernel_busy": self._worker.busy,
-            "waiting_for_kernel": len(self._parked),
+            "kernel_busy": self._queue.busy,
+            "waiting_for_kernel": self._queue.waiting,
         }
         info.update(self.kernel.describe())
         return info
 
-
-def _describe(cmd: int, token: Optional[int], client_fd: bytes) -> str:
-    command = _abi.BY_NUMBER.get(cmd)
-    name = command.name if command is not None else f"ioctl {cmd:#x}"
-    if client_fd:
-        return f"{name} of fd {int.from_bytes(client_fd, 'little', signed=True)} as token {token}"
-    return name

@@ -89,7 +89,8 @@ def _trimmer() -> Optional[Callable[[int], int]]:
     try:
         import ctypes
 
-        return ctypes.CDLL(None).malloc_trim  # type: ignore[no-any-return]
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+        return trim
     except (OSError, AttributeError, ImportError):  # not glibc
         return None
 

@@ -238,9 +238,9 @@ def carry_session(
     if session is not None and session.state == "outgoing":
         # The carry died after storing its new session: only the clean-up
         # (step 6) is left; the parked fds are the session's very files.
-        fds = {token: _retrieve(None, token, parked) for token in wanted}
+        moved = {token: _retrieve(None, token, parked) for token in wanted}
         _unpark(name, sorted(set(wanted) | set(parked)), timeout, env)
-        return Carried(session, fds)
+        return Carried(session, moved)
     if store:
         capacity = store_capacity(env)
         in_use = len(listen_fds(environ=env))

@@ -140,7 +140,7 @@ def pidfd_getfd(pid: int, fd: int) -> int:
     from .. import _abi
 
     _abi.load_cdefs("kexec.h")  # declares syscall()
-    lib = _abi.ffi.dlopen(None)
+    lib: Any = _abi.ffi.dlopen(None)  # syscall(), declared by kexec.h
     pidfd = os.pidfd_open(pid)
     try:
         result = lib.syscall(_abi.ffi.cast("long", _SYS_PIDFD_GETFD), _abi.ffi.cast("int", pidfd),

@@ -76,8 +76,7 @@ UNIT = _cost(SMALL)
 @pytest.fixture
 def small_budget(tmp_path) -> Iterator[testing.ServiceProcess]:
     svc = testing.ServiceProcess(tmp_path, extra_args=["--memory-per-client", str(3 * UNIT),
-                                                       "--memory-total", str(9 * UNIT // 2),
-                                                       "--fds-per-client", "20", "--fds-total", "50"])
+                                                       "--memory-total", str(9 * UNIT // 2)])
     svc.start()
     try:
         yield svc
@@ -161,7 +160,18 @@ def test_memory_follows_the_files_across_a_kexec_until_retrieved_or_finished(sma
     assert _used(small_budget)["memory"] == 0
 
 
-def test_a_client_past_its_fd_share_gets_emfile_and_the_others_go_on(small_budget):
+@pytest.fixture
+def fd_budget(tmp_path) -> Iterator[testing.ServiceProcess]:
+    svc = testing.ServiceProcess(tmp_path, extra_args=["--fds-per-client", "20", "--fds-total", "50"])
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()
+
+
+def test_a_client_past_its_fd_share_gets_emfile_and_the_others_go_on(fd_budget):
+    small_budget = fd_budget
     # 20 fds a client: its connection (1) and device (2), then 3 a session.
     dev = small_budget.open()
     sessions: List[liveupdate.Session] = []
@@ -239,14 +249,20 @@ def test_past_the_service_total_a_client_gets_enfile(tmp_path):
 
 
 def test_the_service_raises_its_soft_fd_limit_and_derives_its_budget(tmp_path):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     if hard == resource.RLIM_INFINITY or hard < 512:
         pytest.skip("needs a finite hard RLIMIT_NOFILE of at least 512")
-    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-    try:
-        svc = testing.ServiceProcess(tmp_path).start()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    class LowSoftLimit(testing.ServiceProcess):
+        # The service starts with a soft limit of 256 (lowered in its own
+        # process only: this one may hold more fds than that).
+        def command(self) -> List[str]:
+            argv = super().command()
+            lower = ("import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (256, "
+                     f"{hard})); os.execv(sys.executable, sys.argv[1:])")
+            return [argv[0], "-c", lower, *argv]
+
+    svc = LowSoftLimit(tmp_path).start()
     try:
         with open(f"/proc/{svc.pid}/limits") as fh:
             line = next(line for line in fh if line.startswith("Max open files"))
@@ -355,3 +371,22 @@ def test_other_clients_are_served_while_a_long_preserve_runs(tmp_path, monkeypat
             os.unlink(path)
         except OSError:
             pass
+
+
+def test_a_session_released_on_the_worker_is_gone_before_the_next_call(service):
+    # Files past LONG_CALL_BYTES make the release a long call (run on the
+    # worker): the next create of the same name, and a preserve of the same
+    # files, must still see the session gone, as after close() on the kernel.
+    size = 128 * MiB
+    fds = [_sparse(size) for _ in range(3)]
+    assert 3 * _cost(size) > service_requests.LONG_CALL_BYTES
+    try:
+        with service.open() as dev:
+            for round_ in range(3):
+                session = dev.create_session("released")
+                for token, fd in enumerate(fds):
+                    session.preserve(fd, token)
+                session.close()
+    finally:
+        for fd in fds:
+            os.close(fd)

@@ -258,10 +258,10 @@ def test_load_without_cap_sys_boot_is_eperm() -> None:
         if got["errno"] == errno.ENOSYS:
             pytest.skip("this kernel has no kexec_file_load at all, so it answers ENOSYS before any privilege check")
         assert got["errno"] == errno.EPERM, got
-        assert f"kexec_load(kernel='{kernel}'" in got["message"] and "CAP_SYS_BOOT" in got["message"]
+        assert f"kexec_file_load(kernel='{kernel}'" in got["message"] and "CAP_SYS_BOOT" in got["message"]
         code, _, err = as_nobody(lambda: run_cli(["kexec", "load", kernel, "--append", "liveupdate=on"]))
         assert code == 1
-        assert err.splitlines()[-1].startswith("liveupdate kexec load: kexec_load(")
+        assert err.splitlines()[-1].startswith("liveupdate kexec load: kexec_file_load(")
         assert err.rstrip().endswith("(hint: run it as root, e.g. with sudo)")
     finally:
         for name in os.listdir(directory):

@@ -294,7 +294,7 @@ class FolioTable(Sequence):  # type: ignore[type-arg]
                 else:
                     piece = raw
             if isinstance(piece, tuple) and pieces and isinstance(pieces[-1], tuple):
-                p, f, i, n = pieces[-1]  # type: ignore[misc]
+                p, f, i, n = pieces[-1]
                 if f == piece[1] and p + n == piece[0] and i + n == piece[2]:
                     pieces[-1] = (p, f, i, n + take)
                     total += take

@@ -197,7 +197,8 @@ class PhysicalMemory:
         if hit is None:
             return bytes(PAGE_SIZE)
         run, off = hit
-        return run.backing.read(run.index + off)
+        backing: Backing = run.backing
+        return backing.read(run.index + off)
 
     def read(self, pa: int, size: int) -> bytes:
         """``size`` bytes at physical address ``pa``, across pages."""
@@ -255,7 +256,8 @@ class PhysicalMemory:
             offset = 0
 
     def read_u64(self, pa: int) -> int:
-        return abi.U64.unpack(self.read(pa, 8))[0]
+        value: int = abi.U64.unpack(self.read(pa, 8))[0]
+        return value
 
     def write_u64(self, pa: int, value: int) -> None:
         self.write(pa, abi.U64.pack(value))

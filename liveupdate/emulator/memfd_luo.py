@@ -76,8 +76,10 @@ class Memfd(NamedTuple):
     nr_folios: int
     folios: "FolioTable | Tuple[Tuple[int, int, int], ...]"  # (pfn, flags, index)
 
-    #: Where ``liveupdate inspect`` shows it (see file_handler).
-    inspect_key = "memfd"
+    @property
+    def inspect_key(self) -> str:
+        """Where ``liveupdate inspect`` shows it (see file_handler)."""
+        return "memfd"
 
     def inspect_fields(self) -> Dict[str, int]:
         return {"pa": self.pa, "size": self.size, "pos": self.pos, "seals": self.seals, "flags": self.flags,

@@ -60,4 +60,5 @@ def with_progress(call: Callable[[], Dict[str, Any]], image: Optional[str], say:
             say(f"liveupdate emulator kexec: waiting for the service ({elapsed:.0f} s)")
     if "error" in result:
         raise result["error"]
-    return result["value"]
+    value: Dict[str, Any] = result["value"]
+    return value

@@ -152,8 +152,12 @@ class Relay:
             return bytes(self.kernel.port.ioctl(conn.handle, cmd, arg))
 
         def charge() -> None:
-            # On the loop, on the kernel's turn: the budget sees every call before.
+            # On the loop, on the kernel's turn: the budget sees every call
+            # before; and after the kernel's own size checks, as the kernel
+            # reserves an fd or pins pages only for a well-formed struct.
             fds, memory = 0, 0
+            if R.kernel_refuses_size(cmd, arg):
+                return
             if conn.kind == DEVICE and cmd in (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION):
                 fds = FDS_PER_SESSION
             elif conn.kind == SESSION and cmd == _abi.SESSION_PRESERVE_FD:

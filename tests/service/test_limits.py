@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import sys
 import threading
 from typing import Any, Dict, Iterator, List
 
@@ -390,3 +391,21 @@ def test_a_session_released_on_the_worker_is_gone_before_the_next_call(service):
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def test_a_malformed_struct_gets_the_kernels_errno_not_the_budgets(tmp_path):
+    # The kernel checks the struct's size before it reserves an fd: a client
+    # at its fd share still gets EINVAL for a size below the struct's.
+    svc = testing.ServiceProcess(tmp_path, extra_args=["--fds-per-client", "3"]).start()
+    try:
+        with svc.open() as dev:  # connection 1 + device 2: the whole share
+            port = liveupdate.service.port_for(svc.socket)
+            short = (4).to_bytes(4, sys.byteorder) + bytes(4 + _abi.NAME_LENGTH)
+            with pytest.raises(OSError) as bad:
+                port.ioctl(dev.fileno(), _abi.IOCTL_CREATE_SESSION, short)
+            assert bad.value.errno == errno.EINVAL
+            with pytest.raises(OSError) as full:
+                dev.create_session("fine")
+            assert full.value.errno == errno.EMFILE
+    finally:
+        svc.stop()

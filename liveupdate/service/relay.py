@@ -161,7 +161,8 @@ class Relay:
             if conn.kind == DEVICE and cmd in (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION):
                 fds = FDS_PER_SESSION
             elif conn.kind == SESSION and cmd == _abi.SESSION_PRESERVE_FD:
-                fds, memory = FDS_PER_FILE, R.preserve_cost(req.fd_in)
+                memory = R.preserve_cost(req.fd_in)  # 0: the kernel refuses the file (EBADF, ENOENT ...)
+                fds = FDS_PER_FILE if memory else 0
             if fds or memory:
                 self.ledger.charge(conn.account, fds, memory, what=_describe(cmd, token, client_fd))
                 charged[:] = [fds, memory]

@@ -409,3 +409,32 @@ def test_a_malformed_struct_gets_the_kernels_errno_not_the_budgets(tmp_path):
             assert full.value.errno == errno.EMFILE
     finally:
         svc.stop()
+
+
+def test_a_file_the_kernel_refuses_gets_the_kernels_errno_at_a_full_share(tmp_path):
+    # connection 1 + device 2 + session 3: the share is full; a preserve the
+    # kernel refuses anyway costs nothing and gets the kernel's answer.
+    svc = testing.ServiceProcess(tmp_path, extra_args=["--fds-per-client", "6"]).start()
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"on disk, not a memfd")
+    try:
+        with svc.open() as dev:
+            session = dev.create_session("full")
+            with open(plain, "rb") as fh, pytest.raises(OSError) as foreign:
+                session.preserve(fh.fileno(), 1)
+            assert foreign.value.errno == errno.ENOENT
+            fd = _sparse(4096)
+            os.close(fd)
+            with pytest.raises(OSError) as closed:
+                session.preserve(fd, 2)
+            assert closed.value.errno == errno.EBADF
+            memfd = _sparse(4096)
+            try:
+                with pytest.raises(OSError) as full:
+                    session.preserve(memfd, 3)
+                assert full.value.errno == errno.EMFILE
+            finally:
+                os.close(memfd)
+            session.close()
+    finally:
+        svc.stop()

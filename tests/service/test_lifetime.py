@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import array
 import errno
-import fcntl
 import gc
+import fcntl
 import os
 import signal
 import socket
@@ -225,9 +225,7 @@ def test_no_fd_leaks_in_the_client_on_any_path(service):
     def open_fds() -> int:
         return len(os.listdir("/proc/self/fd"))
 
-    # Garbage of earlier tests (sockets in reference cycles) would otherwise
-    # be collected, and its fds closed, in the middle of this count.
-    gc.collect()
+    gc.collect()  # an earlier test's garbage must not close its fds mid-count
     before = open_fds()
     memfd = os.memfd_create("leak")
     for i in range(300):

@@ -180,17 +180,18 @@ class Relay:
                 self.ledger.refund(conn.account, *charged)
                 self._answer(req, None, exc)
                 return
-            self._answer(req, *self._ioctl_result(conn, cmd, out, client_fd, token, charged[1]))
+            self._answer(req, *self._ioctl_result(conn, cmd, out, client_fd, token, charged))
 
         self._queue.run(call, done, long=long, conn=conn, prepare=charge)
 
     def _ioctl_result(self, conn: Connection, cmd: int, out: bytes, client_fd: bytes, token: Optional[int],
-                      memory: int) -> Tuple[Optional[Tuple[bytes, Optional[int], List[int]]], Optional[BaseException]]:
+                      charged: List[int]) -> Tuple[Optional[Tuple[bytes, Optional[int], List[int]]], Optional[BaseException]]:
         fd_arg = R.fd_argument(cmd)
         if client_fd and fd_arg is not None:
             out = out[:fd_arg] + client_fd + out[fd_arg + 4:]
         if cmd == _abi.SESSION_PRESERVE_FD and conn.name is not None and token is not None:
-            self.ledger.record(conn.name, token, conn.account, memory)
+            if charged[0]:  # what was not charged is not given back either
+                self.ledger.record(conn.name, token, conn.account, charged[1])
         elif cmd == _abi.SESSION_RETRIEVE_FD and conn.name is not None and token is not None:
             self.ledger.forget(conn.name, token)
         elif cmd == _abi.SESSION_FINISH and conn.name is not None:

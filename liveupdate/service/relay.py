@@ -161,6 +161,8 @@ class Relay:
             if conn.kind == DEVICE and cmd in (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION):
                 fds = FDS_PER_SESSION
             elif conn.kind == SESSION and cmd == _abi.SESSION_PRESERVE_FD:
+                if token is not None and self.ledger.has(conn.name, token):
+                    return  # luo_preserve_file() answers EEXIST before it pins or takes anything
                 memory = R.preserve_cost(req.fd_in)  # 0: the kernel refuses the file (EBADF, ENOENT ...)
                 fds = FDS_PER_FILE if memory else 0
             if fds or memory:

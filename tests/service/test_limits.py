@@ -438,3 +438,24 @@ def test_a_file_the_kernel_refuses_gets_the_kernels_errno_at_a_full_share(tmp_pa
             session.close()
     finally:
         svc.stop()
+
+
+def test_a_token_used_again_gets_eexist_even_at_a_full_budget(small_budget):
+    # luo_preserve_file() checks the token before it pins a page: EEXIST,
+    # not the budget's ENOMEM or EMFILE.
+    files = [_sparse(SMALL) for _ in range(4)]
+    try:
+        with small_budget.open() as dev:
+            session = dev.create_session("full")
+        for token in range(3):
+            session.preserve(files[token], token)
+        with pytest.raises(OSError) as over:
+            session.preserve(files[3], 3)
+        assert over.value.errno == errno.ENOMEM
+        with pytest.raises(OSError) as again:
+            session.preserve(files[3], 1)
+        assert again.value.errno == errno.EEXIST
+        session.close()
+    finally:
+        for fd in files:
+            os.close(fd)

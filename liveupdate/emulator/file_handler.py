@@ -98,9 +98,11 @@ class FileHandler(abc.ABC):
     # -- optional (the kernel's NULL ops) ------------------------------------
     def freeze(self, args: Any) -> None:
         """Nothing to do at reboot."""
+        return None
 
     def unfreeze(self, args: Any) -> None:
         """Nothing to undo."""
+        return None
 
     def can_finish(self, args: Any) -> bool:
         return True

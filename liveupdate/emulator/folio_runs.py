@@ -34,6 +34,7 @@ ENTRIES_PER_PAGE = PAGE_SIZE // ENTRY
 _MASK = abi.PFN_MASK
 _LITTLE = sys.byteorder == "little"
 _PAIRS = struct.Struct("<QQ")
+_U64_MAX = (1 << 64) - 1
 
 #: A run of folio array entries: (pfn, flags, index, count).
 Run = Tuple[int, int, int, int]
@@ -213,6 +214,14 @@ class FolioMap:
         return f"<FolioMap {len(self)} runs, {self.live_pages()} pages>"
 
 
+def _is_run(raw: bytes, pfn: int, flags: int, index: int, count: int) -> bool:
+    """Whether the first ``count`` entries of ``raw`` are the run from
+    (pfn, flags, index): one comparison. A run that would leave the 52-bit
+    pfn or the 64-bit index is none (a corrupted array may start there)."""
+    return (bool(pfn) and pfn + count - 1 <= _MASK and index + count - 1 <= _U64_MAX
+            and raw[: count * ENTRY] == run_bytes(pfn, flags, index, count))
+
+
 def _decode_bytes(raw: bytes, count: int, out: List[Run]) -> None:
     """Entries of one plain page, appended to ``out`` as runs: a page that
     is one run is recognised with a single comparison."""
@@ -220,7 +229,7 @@ def _decode_bytes(raw: bytes, count: int, out: List[Run]) -> None:
         return
     word, index = _PAIRS.unpack_from(raw, 0)
     pfn, flags = word & _MASK, word >> abi.PFN_BITS
-    if pfn and pfn + count - 1 <= _MASK and raw[: count * ENTRY] == run_bytes(pfn, flags, index, count):
+    if _is_run(raw, pfn, flags, index, count):
         _append(out, pfn, flags, index, count)
         return
     for word, index in struct.iter_unpack("<QQ", raw[: count * ENTRY]):
@@ -289,7 +298,7 @@ class FolioTable(Sequence):  # type: ignore[type-arg]
                 raw = raw.ljust(take * ENTRY, b"\0")
                 word, index = _PAIRS.unpack_from(raw, 0)
                 pfn = word & _MASK
-                if pfn and pfn + take - 1 <= _MASK and raw == run_bytes(pfn, word >> abi.PFN_BITS, index, take):
+                if _is_run(raw, pfn, word >> abi.PFN_BITS, index, take):
                     piece = (pfn, word >> abi.PFN_BITS, index, take)
                 else:
                     piece = raw

@@ -197,8 +197,8 @@ class PhysicalMemory:
         if hit is None:
             return bytes(PAGE_SIZE)
         run, off = hit
-        data: bytes = run.backing.read(run.index + off)
-        return data
+        backing: Backing = run.backing
+        return backing.read(run.index + off)
 
     def read(self, pa: int, size: int) -> bytes:
         """``size`` bytes at physical address ``pa``, across pages."""

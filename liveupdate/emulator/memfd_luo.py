@@ -67,6 +67,10 @@ _MAX_FOLIOS = 0xFFFFFFFF  # memfd_pin_folios() counts folios in an unsigned int
 
 
 class Memfd(NamedTuple):
+    """What :func:`liveupdate.emulator.walk` shows for a memfd-v2 file: its
+    ``memfd_luo_ser`` at ``pa`` and its folio array (a FolioTable, equal to
+    the tuple of (pfn, flags, index) entries)."""
+
     pa: int
     token: int
     pos: int
@@ -78,9 +82,7 @@ class Memfd(NamedTuple):
 
     @property
     def inspect_key(self) -> str:
-        """Where ``liveupdate inspect`` shows it (see file_handler). A
-        property: a plain class attribute of a NamedTuple is a field to
-        type checkers."""
+        """Where ``liveupdate inspect`` shows it (see file_handler)."""
         return "memfd"
 
     def inspect_fields(self) -> Dict[str, int]:
@@ -102,8 +104,6 @@ def seal_names(seals: int) -> str:
     if unknown:
         names.append(f"{unknown:#x}")
     return ",".join(names) or "none"
-
-
 
 
 class _Private:

@@ -257,6 +257,10 @@ class Ledger:
         the session (("outgoing", name)) and token, to be given back later."""
         self.files.setdefault(session, {})[token] = (account, memory)
 
+    def has(self, session: Optional[Tuple[str, bytes]], token: int) -> bool:
+        """Whether a preserve of ``token`` in ``session`` holds a charge."""
+        return session is not None and token in self.files.get(session, {})
+
     def forget(self, session: Tuple[str, bytes], token: int) -> None:
         """The file went back to user space (retrieved): refund its charge."""
         charges = self.files.get(session)

@@ -152,12 +152,19 @@ class Relay:
             return bytes(self.kernel.port.ioctl(conn.handle, cmd, arg))
 
         def charge() -> None:
-            # On the loop, on the kernel's turn: the budget sees every call before.
+            # On the loop, on the kernel's turn: the budget sees every call
+            # before; and after the kernel's own size checks, as the kernel
+            # reserves an fd or pins pages only for a well-formed struct.
             fds, memory = 0, 0
+            if R.kernel_refuses_size(cmd, arg):
+                return
             if conn.kind == DEVICE and cmd in (_abi.IOCTL_CREATE_SESSION, _abi.IOCTL_RETRIEVE_SESSION):
                 fds = FDS_PER_SESSION
             elif conn.kind == SESSION and cmd == _abi.SESSION_PRESERVE_FD:
-                fds, memory = FDS_PER_FILE, R.preserve_cost(req.fd_in)
+                if token is not None and self.ledger.has(conn.name, token):
+                    return  # luo_preserve_file() answers EEXIST before it pins or takes anything
+                memory = R.preserve_cost(req.fd_in)  # 0: the kernel refuses the file (EBADF, ENOENT ...)
+                fds = FDS_PER_FILE if memory else 0
             if fds or memory:
                 self.ledger.charge(conn.account, fds, memory, what=_describe(cmd, token, client_fd))
                 charged[:] = [fds, memory]
@@ -175,17 +182,18 @@ class Relay:
                 self.ledger.refund(conn.account, *charged)
                 self._answer(req, None, exc)
                 return
-            self._answer(req, *self._ioctl_result(conn, cmd, out, client_fd, token, charged[1]))
+            self._answer(req, *self._ioctl_result(conn, cmd, out, client_fd, token, charged))
 
         self._queue.run(call, done, long=long, conn=conn, prepare=charge)
 
     def _ioctl_result(self, conn: Connection, cmd: int, out: bytes, client_fd: bytes, token: Optional[int],
-                      memory: int) -> Tuple[Optional[Tuple[bytes, Optional[int], List[int]]], Optional[BaseException]]:
+                      charged: List[int]) -> Tuple[Optional[Tuple[bytes, Optional[int], List[int]]], Optional[BaseException]]:
         fd_arg = R.fd_argument(cmd)
         if client_fd and fd_arg is not None:
             out = out[:fd_arg] + client_fd + out[fd_arg + 4:]
         if cmd == _abi.SESSION_PRESERVE_FD and conn.name is not None and token is not None:
-            self.ledger.record(conn.name, token, conn.account, memory)
+            if charged[0]:  # what was not charged is not given back either
+                self.ledger.record(conn.name, token, conn.account, charged[1])
         elif cmd == _abi.SESSION_RETRIEVE_FD and conn.name is not None and token is not None:
             self.ledger.forget(conn.name, token)
         elif cmd == _abi.SESSION_FINISH and conn.name is not None:

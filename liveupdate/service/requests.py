@@ -26,6 +26,7 @@ __all__ = ["Request", "parse", "fd_argument", "relay_argument", "session_of", "t
            "preserve_cost", "LONG_CALL_BYTES"]
 
 _FD_FIELD = struct.Struct("=i")
+_U32 = struct.Struct("=I")
 #: memfd_pin_folios() counts folios in an unsigned int (memfd_luo.py).
 _MAX_FOLIOS = 0xFFFFFFFF
 _TOKEN_FIELD = struct.Struct("=Q")
@@ -82,6 +83,16 @@ def relay_argument(arg: bytes, offset: int, fd_in: Optional[int]) -> Tuple[bytes
         return arg, b""
     fd = _FD_FIELD.pack(-1 if fd_in is None else fd_in)
     return arg[:offset] + fd + arg[offset + 4:], arg[offset:offset + 4]
+
+
+def kernel_refuses_size(cmd: int, arg: bytes) -> bool:
+    """True when the kernel refuses the struct before it reserves or pins
+    anything (no size field: EFAULT; a size below the struct's last field:
+    EINVAL), so that a budget is not what answers it."""
+    command = _abi.BY_NUMBER.get(cmd)
+    if command is None or len(arg) < 4:
+        return True
+    return int(_U32.unpack_from(arg)[0]) < command.min_size
 
 
 def token_of(arg: bytes) -> Optional[int]:

@@ -29,7 +29,9 @@ class Blob(NamedTuple):
     length: int
     head: bytes
 
-    inspect_key = "blob"
+    @property
+    def inspect_key(self) -> str:
+        return "blob"
 
     def inspect_fields(self) -> Dict[str, Any]:
         return {"pa": self.pa, "length": self.length, "head": self.head.hex()}

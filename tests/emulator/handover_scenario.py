@@ -99,11 +99,11 @@ if __name__ == "__main__":
     emu, digests = run()
     print("\n".join(digests))
     if len(sys.argv) > 2:
-        from liveupdate.emulator import image
+        from liveupdate.emulator import Emulator, image
 
-        # A small version 1 image of the main tree, for the reader's test.
-        small = Emulator = __import__("liveupdate.emulator", fromlist=["Emulator"]).Emulator
-        e = small()
+        # A small image of the tree given (version 1 on 4238218), for the
+        # reader's test: tests/emulator/data/v1-image.img.
+        e = Emulator()
         d = e.open()
         s = d.create_session("v1")
         fd = os.memfd_create("v1")

@@ -38,9 +38,11 @@ def test_a_second_handler_goes_through_every_layer(blob, tmp_path, capsys):  # t
     os.write(memfd, b"memfd data")
     s.preserve(named, 1)  # the memfd handler refuses it, the blob one takes it
     s.preserve(memfd, 2)
+    again = os.dup(named)
     with pytest.raises(OSError) as info:
-        s.preserve(os.dup(named), 3)  # the same file twice: EBUSY, via the handler's get_id
+        s.preserve(again, 3)  # the same file twice: EBUSY, via the handler's get_id
     assert info.value.errno == errno.EBUSY
+    os.close(again)
     dev.close()
     path = tmp_path / "mixed.img"
     emu.kexec(image=str(path))
@@ -61,10 +63,12 @@ def test_a_second_handler_goes_through_every_layer(blob, tmp_path, capsys):  # t
             incoming = dev2.retrieve_session("mixed")
             fd = incoming.retrieve(1)
             assert os.read(fd, 100) == b"kept by the test handler"
-            assert os.pread(incoming.retrieve(2), 10, 0) == b"memfd data"
+            fd2 = incoming.retrieve(2)
+            assert os.pread(fd2, 10, 0) == b"memfd data"
             incoming.finish()
             incoming.close()
             os.close(fd)
+            os.close(fd2)
     os.close(named)
     os.close(memfd)
 

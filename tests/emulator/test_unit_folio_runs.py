@@ -58,3 +58,13 @@ def test_folio_map_finds_live_pages_and_forgets_removed_runs():
                 assert hit is None
             else:
                 assert hit == (run, k)
+
+
+def test_entries_whose_run_would_overflow_the_index_decode_one_by_one():
+    # Found by the long fuzzing profile: a run from index 2**64-1 is no run
+    # (it cannot continue), not an OverflowError.
+    raw = abi.folio_pack(5, 3, 2**64 - 1) + abi.folio_pack(6, 3, 0) + abi.folio_pack(7, 3, 1)
+    page = bytearray(raw)
+    expected = ((5, 3, 2**64 - 1), (6, 3, 0), (7, 3, 1))
+    assert FolioTable([page], 3) == expected
+    assert table_runs([page], 3) == [(5, 3, 2**64 - 1, 1), (6, 3, 0, 2)]

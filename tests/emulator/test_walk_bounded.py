@@ -7,6 +7,10 @@ once per (session, file) pair (about 285 s estimated). Now every page is
 decoded once; a page reached again is a Problem, as the kernel refuses it
 (a page restores only once).
 
+One in ten mutated handovers and byte-flipped images that load is also
+booted and every file the walk shows retrieved: only OSError and
+KernelPanic (the kernel's outcomes) may come out.
+
 The bound checked, for any image: at most 100 records and 256 folio
 entries per page of memory the image holds (a page holds at most 63
 files, 51 sessions or 256 folio entries), plus a few. Not timed.
@@ -25,6 +29,7 @@ import struct
 from typing import Any, List, Tuple
 
 
+from liveupdate import KernelPanic
 from liveupdate.cli import inspect as inspect_cli
 from liveupdate.emulator import Emulator, image, walk
 from liveupdate.emulator.walk import Block, File, Memfd, Problem, Session
@@ -141,7 +146,9 @@ def test_mutated_images_walk_and_inspect_within_bounds(tmp_path):
     for n in range(MUTANTS):
         memory = image.loads(raw)
         _mutate(rng, memory, pas)
-        _walk_within_bounds(memory)
+        records = _walk_within_bounds(memory)
+        if n % 10 == 0:
+            _boot_and_retrieve(memory, records)
         if n % 25 == 0:  # through the file and the CLI's decoder too
             path.write_bytes(image.dumps(memory.handover))
             json.dumps(inspect_cli.decode(str(path)))
@@ -161,4 +168,31 @@ def test_byte_flipped_images_are_refused_or_walk_within_bounds():
         except OSError as exc:
             assert exc.errno in (errno.ENOEXEC, errno.ENOMEM), exc
             continue
-        _walk_within_bounds(memory)
+        records = _walk_within_bounds(memory)
+        if rng.random() < 0.1:
+            _boot_and_retrieve(memory, records)
+
+
+def _boot_and_retrieve(memory, records):  # type: ignore[no-untyped-def]
+    """Boot what loaded and retrieve every file the walk shows: only the
+    kernel's outcomes (OSError, KernelPanic) are acceptable."""
+    try:
+        emu = Emulator.boot(memory)
+        with emu.open() as dev:
+            for session in [r for r in records if isinstance(r, Session)]:
+                try:
+                    incoming = dev.retrieve_session(session.name.decode("utf-8", "replace"))
+                except (OSError, ValueError):
+                    continue
+                for f in [r for r in records if isinstance(r, File) and r.session == session.name]:
+                    try:
+                        os.close(incoming.retrieve(f.token))
+                    except OSError:
+                        pass
+                try:
+                    incoming.finish()
+                except OSError:
+                    pass
+                incoming.close()
+    except (OSError, KernelPanic):
+        pass

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import os
 import resource
+import sys
 import threading
 from typing import Any, Dict, Iterator, List
 
@@ -389,4 +390,72 @@ def test_a_session_released_on_the_worker_is_gone_before_the_next_call(service):
                 session.close()
     finally:
         for fd in fds:
+            os.close(fd)
+
+
+def test_a_malformed_struct_gets_the_kernels_errno_not_the_budgets(tmp_path):
+    # The kernel checks the struct's size before it reserves an fd: a client
+    # at its fd share still gets EINVAL for a size below the struct's.
+    svc = testing.ServiceProcess(tmp_path, extra_args=["--fds-per-client", "3"]).start()
+    try:
+        with svc.open() as dev:  # connection 1 + device 2: the whole share
+            port = liveupdate.service.port_for(svc.socket)
+            short = (4).to_bytes(4, sys.byteorder) + bytes(4 + _abi.NAME_LENGTH)
+            with pytest.raises(OSError) as bad:
+                port.ioctl(dev.fileno(), _abi.IOCTL_CREATE_SESSION, short)
+            assert bad.value.errno == errno.EINVAL
+            with pytest.raises(OSError) as full:
+                dev.create_session("fine")
+            assert full.value.errno == errno.EMFILE
+    finally:
+        svc.stop()
+
+
+def test_a_file_the_kernel_refuses_gets_the_kernels_errno_at_a_full_share(tmp_path):
+    # connection 1 + device 2 + session 3: the share is full; a preserve the
+    # kernel refuses anyway costs nothing and gets the kernel's answer.
+    svc = testing.ServiceProcess(tmp_path, extra_args=["--fds-per-client", "6"]).start()
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"on disk, not a memfd")
+    try:
+        with svc.open() as dev:
+            session = dev.create_session("full")
+            with open(plain, "rb") as fh, pytest.raises(OSError) as foreign:
+                session.preserve(fh.fileno(), 1)
+            assert foreign.value.errno == errno.ENOENT
+            fd = _sparse(4096)
+            os.close(fd)
+            with pytest.raises(OSError) as closed:
+                session.preserve(fd, 2)
+            assert closed.value.errno == errno.EBADF
+            memfd = _sparse(4096)
+            try:
+                with pytest.raises(OSError) as full:
+                    session.preserve(memfd, 3)
+                assert full.value.errno == errno.EMFILE
+            finally:
+                os.close(memfd)
+            session.close()
+    finally:
+        svc.stop()
+
+
+def test_a_token_used_again_gets_eexist_even_at_a_full_budget(small_budget):
+    # luo_preserve_file() checks the token before it pins a page: EEXIST,
+    # not the budget's ENOMEM or EMFILE.
+    files = [_sparse(SMALL) for _ in range(4)]
+    try:
+        with small_budget.open() as dev:
+            session = dev.create_session("full")
+        for token in range(3):
+            session.preserve(files[token], token)
+        with pytest.raises(OSError) as over:
+            session.preserve(files[3], 3)
+        assert over.value.errno == errno.ENOMEM
+        with pytest.raises(OSError) as again:
+            session.preserve(files[3], 1)
+        assert again.value.errno == errno.EEXIST
+        session.close()
+    finally:
+        for fd in files:
             os.close(fd)

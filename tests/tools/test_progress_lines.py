@@ -66,3 +66,15 @@ def test_kexec_errors_come_through_and_no_image_says_waiting(tmp_path):
     else:
         raise AssertionError("the error was swallowed")
     assert lines and all("waiting for the service" in line for line in lines)
+
+
+def test_the_service_logs_its_large_image_writes(caplog):
+    from liveupdate.service.kernel import PROGRESS_PAGES, progress_logger
+
+    report = progress_logger("writing image /x.img", every=0.0)
+    with caplog.at_level("WARNING", logger="liveupdate.emulator.service"):
+        report(10, 100)  # a small image: nothing
+        report(PROGRESS_PAGES // 2, PROGRESS_PAGES)
+        report(PROGRESS_PAGES, PROGRESS_PAGES)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["writing image /x.img: 128 of 256 MiB (50%)", "writing image /x.img: 256 of 256 MiB (100%)"]

@@ -17,19 +17,14 @@ import argparse
 import errno
 import os
 import signal
-import stat
 import sys
 import threading
 from typing import List, Tuple
 
-from .. import errors
 from ._common import CommandError
 
 __all__ = ["add_action"]
 
-# a real unit file is a few KiB; the cap keeps a wrong path (/dev/zero)
-# from eating memory
-_UNIT_FILE_MAX = 1 << 20
 
 
 def add_action(actions: "argparse._SubParsersAction[argparse.ArgumentParser]") -> argparse.ArgumentParser:
@@ -58,29 +53,11 @@ def _split(rest: List[str]) -> Tuple[List[str], List[str]]:
     return rest, []
 
 
-def _read_unit_file(path: str) -> str:
-    """The text of the unit file at ``path``: a regular file (a FIFO would
-    block, a device never end), at most ``_UNIT_FILE_MAX`` bytes, UTF-8."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise errors.make(errno.EINVAL, "load_unit", f"{path}: not a regular file")
-        data = os.read(fd, _UNIT_FILE_MAX + 1)
-    finally:
-        os.close(fd)
-    if len(data) > _UNIT_FILE_MAX:
-        raise errors.make(errno.EFBIG, "load_unit", f"{path}: over {_UNIT_FILE_MAX} bytes, no unit file is that long")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise errors.make(errno.EINVAL, "load_unit", f"{path}: not UTF-8 (byte {exc.start})") from None
-
-
 def _run(args: argparse.Namespace) -> int:
     from ..emulator.systemd.control import ControlServer
     from ..emulator.systemd.fixture import with_command
     from ..emulator.systemd.manager import EmulatedSystemd
-    from ..emulator.systemd.unit_file import parse_unit
+    from ..emulator.systemd.unit_file import parse_unit, read_unit_file
     from ..service.paths import resolve_socket_path
 
     units, command = _split(args.rest)
@@ -97,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
     for path in units:
         name = os.path.basename(path)
         try:
-            text = _read_unit_file(path)
+            text = read_unit_file(path)
             text = with_command(text, command) if command else text
             parse_unit(text, name, source=path)  # what the manager does not play, with its line
         except OSError as exc:

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from ...errors import make
 
-__all__ = ["Unit", "parse_unit", "load_unit", "UNDERSTOOD", "luo_session_name_is_valid"]
+__all__ = ["Unit", "parse_unit", "load_unit", "read_unit_file", "UNDERSTOOD", "luo_session_name_is_valid"]
 
 #: The longest unit file read (systemd's own limit on a fragment is far
 #: above any real unit; this only stops a runaway read).
@@ -241,25 +241,29 @@ def parse_unit(text: str, name: str, source: str = "<unit>") -> Unit:
     return unit
 
 
-def load_unit(path: str, name: Optional[str] = None) -> Unit:
-    """The unit in the file at ``path``, named after the file unless
-    ``name`` is given. Refuses what is not a regular file, and files larger
-    than 1 MiB (ENOEXEC ... EINVAL), in one line."""
-    name = name or os.path.basename(path)
+def read_unit_file(path: str) -> str:
+    """The text of the unit file at ``path``: a regular file (a FIFO would
+    block, a device never end), at most 1 MiB, UTF-8. Raises OSError
+    EINVAL or EFBIG (its detail starts with ``path``), or what open says."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
     try:
         import stat
 
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise make(errno.EINVAL, "load_unit", "a unit file is a regular file", path=path)
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise make(errno.EINVAL, "load_unit", f"{path}: not a regular file")
         data = os.read(fd, _FILE_MAX + 1)
     finally:
         os.close(fd)
     if len(data) > _FILE_MAX:
-        raise make(errno.EFBIG, "load_unit", "a unit file of over 1 MiB is not a unit file", path=path)
+        raise make(errno.EFBIG, "load_unit", f"{path}: over {_FILE_MAX} bytes, no unit file is that long")
     try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise make(errno.EINVAL, "load_unit", "a unit file is UTF-8 text", path=path) from None
-    return parse_unit(text, name, path)
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise make(errno.EINVAL, "load_unit", f"{path}: not UTF-8 (byte {exc.start})") from None
+
+
+def load_unit(path: str, name: Optional[str] = None) -> Unit:
+    """The unit in the file at ``path``, named after the file unless
+    ``name`` is given. Refuses what :func:`read_unit_file` refuses and what
+    :func:`parse_unit` does, in one line."""
+    return parse_unit(read_unit_file(path), name or os.path.basename(path), path)

@@ -103,7 +103,7 @@ def decode(image_path: str, progress: "Optional[Callable[[int, int], None]]" = N
                 entry = session["files"][-1]
                 entry[record.inspect_key] = record.inspect_fields()
                 entry["summary"] = record.inspect_summary()
-    doc["systemd"] = systemd_mapping(image_path, doc)
+    doc["systemd"] = systemd_mapping(memory, doc)  # after the walk: booting may change the memory
     return doc
 
 

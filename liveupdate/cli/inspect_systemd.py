@@ -3,8 +3,8 @@ systemd keeps at its token 0 (version, kexec count, each unit's fd store
 entries), each entry beside the file or session it names in the image.
 
 The mapping is read the way the next kernel's PID 1 reads it: an emulated
-kernel boots from the image and the session's token 0 is retrieved from
-it, so what is shown is what systemd would find (an image that cannot boot
+kernel boots from the image's memory (as inspect read it, not read again)
+and the session's token 0 is retrieved from it, so what is shown is what systemd would find (an image that cannot boot
 says so instead).
 """
 from __future__ import annotations
@@ -12,17 +12,21 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Optional, TextIO
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..emulator.kho import PhysicalMemory
+
 __all__ = ["SESSION", "systemd_mapping", "render_mapping"]
 
 SESSION = "systemd"
 _MAPPING_TOKEN = 0
 
 
-def _read_mapping(image_path: str) -> bytes:
+def _read_mapping(memory: "PhysicalMemory") -> bytes:
     from ..emulator import Emulator
     from ..emulator.systemd.mapping import MAPPING_MAX
 
-    with Emulator.from_image(image_path).open() as dev, dev.retrieve_session(SESSION) as session:
+    with Emulator(memory=memory).open() as dev, dev.retrieve_session(SESSION) as session:
         fd = session.retrieve(_MAPPING_TOKEN)
         try:
             return os.pread(fd, MAPPING_MAX + 1, 0)
@@ -39,8 +43,9 @@ def _file_summary(entry: Optional[Dict[str, Any]]) -> str:
     return f"memfd of {memfd['size']} bytes"
 
 
-def systemd_mapping(image_path: str, doc: Dict[str, Any]) -> Optional[Dict[str, Any]]:
-    """The decoded mapping of the image's ``systemd`` session, each entry
+def systemd_mapping(memory: "PhysicalMemory", doc: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """The decoded mapping of the ``systemd`` session in ``memory`` (the
+    image inspect has decoded into ``doc``; booted here), each entry
     with ``found`` (what the image holds for it); None when the image has
     no such session."""
     from ..emulator.systemd.mapping import describe_mapping
@@ -54,7 +59,7 @@ def systemd_mapping(image_path: str, doc: Dict[str, Any]) -> Optional[Dict[str, 
         return {"version": None, "kexec_count": None, "units": [],
                 "note": f"no file at token {_MAPPING_TOKEN}: systemd would restore nothing"}
     try:
-        raw = _read_mapping(image_path)
+        raw = _read_mapping(memory)
     except (OSError, KernelPanic) as exc:
         return {"version": None, "kexec_count": None, "units": [],
                 "note": f"the mapping could not be read: {exc}"}

@@ -24,6 +24,25 @@ def run(args: List[str], cwd: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=60)
 
 
+@pytest.fixture
+def refuse(tmp_path, monkeypatch, capsys):
+    """The command run in this process, for refusals that come before it
+    starts anything (a child Python per case costs seconds in the TCG guest
+    of the VM tier)."""
+    from liveupdate.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LIVEUPDATE_EMULATOR", str(tmp_path / "no-service.sock"))
+
+    def run_here(args: List[str]) -> subprocess.CompletedProcess:
+        capsys.readouterr()
+        code = main(["emulator", "systemd", *args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run_here
+
+
 def one_line_error(result: subprocess.CompletedProcess) -> str:
     assert result.returncode == 2, result
     assert result.stdout == ""
@@ -33,29 +52,29 @@ def one_line_error(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.parametrize("path", ["/dev/zero", "fifo", "directory"])
-def test_a_unit_path_that_is_no_regular_file_neither_blocks_nor_reads_forever(tmp_path, path) -> None:
+def test_a_unit_path_that_is_no_regular_file_neither_blocks_nor_reads_forever(tmp_path, refuse, path) -> None:
     os.mkfifo(tmp_path / "fifo")
     os.mkdir(tmp_path / "directory")
-    line = one_line_error(run([path], str(tmp_path)))
+    line = one_line_error(refuse([path]))
     assert f"{path}: " in line and ("not a regular file" in line or "directory" in line.lower())
 
 
-def test_an_oversized_unit_file_is_refused(tmp_path) -> None:
+def test_an_oversized_unit_file_is_refused(tmp_path, refuse) -> None:
     (tmp_path / "big.service").write_bytes(b"#" * (2 << 20))
-    assert "over 1048576 bytes" in one_line_error(run(["big.service"], str(tmp_path)))
+    assert "over 1048576 bytes" in one_line_error(refuse(["big.service"]))
 
 
-def test_a_key_the_manager_does_not_play_names_its_file_and_line(tmp_path) -> None:
+def test_a_key_the_manager_does_not_play_names_its_file_and_line(tmp_path, refuse) -> None:
     (tmp_path / "x.service").write_text("[Service]\nExecStart=/bin/true\nPrivateNetwork=yes\n")
-    line = one_line_error(run(["x.service"], str(tmp_path)))
+    line = one_line_error(refuse(["x.service"]))
     assert "x.service:3" in line and "PrivateNetwork" in line
 
 
-def test_command_needs_exactly_one_unit(tmp_path) -> None:
+def test_command_needs_exactly_one_unit(tmp_path, refuse) -> None:
     for name in ("a.service", "b.service"):
         (tmp_path / name).write_text("[Service]\nExecStart=/bin/true\n")
-    assert "one unit" in one_line_error(run(["a.service", "b.service", "--", "/bin/true"], str(tmp_path)))
-    assert "no unit file" in one_line_error(run([], str(tmp_path)))
+    assert "one unit" in one_line_error(refuse(["a.service", "b.service", "--", "/bin/true"]))
+    assert "no unit file" in one_line_error(refuse([]))
 
 
 def test_a_relative_command_is_taken_from_where_it_was_typed(tmp_path) -> None:

@@ -15,7 +15,7 @@ def test_tools_on_the_real_kernel(run_vm, guest_summary) -> None:
         pytest.skip("no tests/tools in this tree")
     junit = "--junitxml=$LIVEUPDATE_VM_OUT/tools-stage$LIVEUPDATE_STAGE.xml"
     # Stage 2 only needs the halves that run after the kexec. The guest's
-    # budget: stage 1 alone measured 825 s on an idle host (263 tests, most
+    # budget: both stages took 825 s on an idle host (263 tests, most
     # starting a CLI child, ~2-4 s each under TCG) and ran out of 900 s on a
     # loaded one before stage 2; the time is the guest's, not a check.
     result = run_vm(f"python3 -m pytest tests/tools -p no:cacheprovider -q -rfEs {junit}",
